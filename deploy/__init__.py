@@ -1,0 +1,1 @@
+"""videovae subpackage."""

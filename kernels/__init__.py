@@ -1,0 +1,158 @@
+"""Fused kernels for the video VAE decode path, each a Triton kernel beside its PyTorch reference.
+
+The model layers call the functions below. Each dispatches to the Triton implementation when the
+tensor is on CUDA and Triton is importable, and to the pure-PyTorch reference (``<op>/reference.py``,
+the definition of correct) otherwise. ``VIDEOVAE_KERNELS`` overrides the choice at call time:
+
+* ``auto`` (default): Triton for CUDA tensors when Triton is installed, else the reference;
+* ``reference``: always the reference;
+* ``triton``: always Triton (raises if it is not installed; CPU tensors need ``TRITON_INTERPRET=1``).
+
+Triton is imported lazily, so ``import videovae.kernels`` works without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from .blend_tile.reference import blend_tile_ref_, normalize_canvas_ref
+from .causal_pad3d.reference import causal_pad3d_ref
+from .group_norm_silu.reference import group_norm_silu_ref
+from .rms_norm_silu.reference import rms_norm_silu_ref
+from .to_uint8_frames.reference import to_uint8_frames_ref
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "blend_tile_",
+    "causal_pad3d",
+    "group_norm_silu",
+    "kernel_backend",
+    "normalize_canvas",
+    "rms_norm_silu",
+    "to_uint8_frames",
+    "triton_available",
+]
+
+ENV_VAR = "VIDEOVAE_KERNELS"
+BACKENDS = ("auto", "reference", "triton")
+
+
+def kernel_backend() -> str:
+    """The backend requested by ``VIDEOVAE_KERNELS`` (read now): ``auto``, ``reference`` or ``triton``."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={os.environ.get(ENV_VAR)!r} is invalid; expected one of {BACKENDS}")
+    return value
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    backend = kernel_backend()
+    if backend == "reference":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed")
+        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(f"{ENV_VAR}=triton on a {x.device.type} tensor needs TRITON_INTERPRET=1")
+        return True
+    return x.is_cuda and triton_available()
+
+
+def _triton_impl(op: str):
+    return importlib.import_module(f"{__name__}.{op}.triton")
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float = 1e-6,
+    per_frame: bool = True,
+    silu: bool = True,
+) -> torch.Tensor:
+    """GroupNorm + optional SiLU on ``(N, C, T, H, W)`` (or ``(N, C, H, W)``); differentiable.
+
+    ``per_frame=True``: statistics per ``(n, group, t)`` over ``(C/G, H, W)``; ``False``: per
+    ``(n, group)`` over ``(C/G, T, H, W)``. fp32 statistics, output in ``x``'s dtype.
+    """
+    if _use_triton(x):
+        return _triton_impl("group_norm_silu").group_norm_silu(x, weight, bias, num_groups, eps, per_frame, silu)
+    return group_norm_silu_ref(x, weight, bias, num_groups, eps, per_frame, silu)
+
+
+def rms_norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-12,
+    silu: bool = True,
+) -> torch.Tensor:
+    """Channel RMSNorm (Wan-2.1 form) + optional SiLU on ``(N, C, *spatial)``; differentiable.
+
+    ``y = x / max(||x||_2 over C, eps) * sqrt(C) * weight (+ bias)``, fp32 reduction.
+    """
+    if _use_triton(x):
+        return _triton_impl("rms_norm_silu").rms_norm_silu(x, weight, bias, eps, silu)
+    return rms_norm_silu_ref(x, weight, bias, eps, silu)
+
+
+def blend_tile_(
+    canvas: torch.Tensor,
+    weight_sum: torch.Tensor,
+    tile: torch.Tensor,
+    top: int,
+    left: int,
+    ramp_top: int,
+    ramp_bottom: int,
+    ramp_left: int,
+    ramp_right: int,
+) -> None:
+    """Accumulate a feathered tile into a float32 ``(N, C, T, H, W)`` canvas and its ``(H, W)``
+    weight sum, in place (see :mod:`.blend_tile.reference` for the weights); forward only."""
+    if _use_triton(canvas):
+        _triton_impl("blend_tile").blend_tile_(
+            canvas, weight_sum, tile, top, left, ramp_top, ramp_bottom, ramp_left, ramp_right
+        )
+    else:
+        blend_tile_ref_(canvas, weight_sum, tile, top, left, ramp_top, ramp_bottom, ramp_left, ramp_right)
+
+
+def normalize_canvas(canvas: torch.Tensor, weight_sum: torch.Tensor, to_uint8: bool = False) -> torch.Tensor:
+    """``canvas / weight_sum`` (0 where the weight sum is 0), float32 ``(N, C, T, H, W)``; with
+    ``to_uint8=True`` fused with :func:`to_uint8_frames` (uint8 ``(N, T, H, W, C)``)."""
+    if _use_triton(canvas):
+        return _triton_impl("blend_tile").normalize_canvas(canvas, weight_sum, to_uint8)
+    return normalize_canvas_ref(canvas, weight_sum, to_uint8)
+
+
+def to_uint8_frames(x: torch.Tensor) -> torch.Tensor:
+    """``[-1, 1]`` float ``(N, C, T, H, W)`` -> uint8 ``(N, T, H, W, C)`` (round half to even)."""
+    if _use_triton(x):
+        return _triton_impl("to_uint8_frames").to_uint8_frames(x)
+    return to_uint8_frames_ref(x)
+
+
+def causal_pad3d(
+    x: torch.Tensor,
+    pad_t: int,
+    pad_h: int = 0,
+    pad_w: int = 0,
+    cache: torch.Tensor | None = None,
+    time_mode: str = "replicate",
+) -> torch.Tensor:
+    """Padded input of a causal 3D conv in one write: ``cat([cache | x[:, :, :1] * pad_t | zeros, x],
+    dim=2)`` then symmetric spatial zero padding; differentiable in ``x`` and ``cache``."""
+    if _use_triton(x):
+        return _triton_impl("causal_pad3d").causal_pad3d(x, pad_t, pad_h, pad_w, cache, time_mode)
+    return causal_pad3d_ref(x, pad_t, pad_h, pad_w, cache, time_mode)

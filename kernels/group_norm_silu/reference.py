@@ -1,0 +1,71 @@
+"""Pure-PyTorch GroupNorm + optional SiLU for video tensors (the definition of correct).
+
+Layout: ``x`` is ``(N, C, T, H, W)`` (a 4-D ``(N, C, H, W)`` tensor is treated as ``T = 1``), any
+float dtype; ``weight`` / ``bias`` are ``(C,)`` or ``None``. Statistics are biased (as
+``F.group_norm``):
+
+* ``per_frame=True``: per ``(n, group, t)`` over ``(C / G, H, W)`` -- exactly streamable in time.
+* ``per_frame=False``: per ``(n, group)`` over ``(C / G, T, H, W)`` (``F.group_norm`` on the 5-D
+  tensor, the CV-VAE / OD-VAE behaviour).
+
+Output has the dtype and shape of ``x``; values unbounded (``>= -0.2785`` after SiLU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def check_group_norm_args(x: torch.Tensor, weight, bias, num_groups: int) -> None:
+    """Raise ``ValueError`` for shapes ``group_norm_silu`` does not accept."""
+    if x.dim() not in (4, 5):
+        raise ValueError(f"group_norm_silu expects (N, C, T, H, W) or (N, C, H, W), got {tuple(x.shape)}")
+    c = x.shape[1]
+    if num_groups <= 0 or c % num_groups != 0:
+        raise ValueError(f"num_groups={num_groups} must divide the channel count C={c}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (c,):
+            raise ValueError(f"{name} must have shape ({c},), got {tuple(p.shape)}")
+
+
+def group_norm_silu_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float = 1e-6,
+    per_frame: bool = True,
+    silu: bool = True,
+) -> torch.Tensor:
+    """GroupNorm with per-frame or whole-clip statistics, then optional SiLU (see module doc)."""
+    check_group_norm_args(x, weight, bias, num_groups)
+    if x.dim() == 4 or not per_frame or x.shape[2] == 1:
+        if weight is not None and weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+        return F.silu(y) if silu else y
+    return _per_frame(x, weight, bias, num_groups, eps, silu)
+
+
+def _per_frame(x, weight, bias, num_groups, eps, silu):
+    """Per-frame statistics without folding copies: one fp32 ``var_mean`` read of ``x``, then a single
+    ``addcmul`` with per-(n, c, t) scale and shift (and SiLU in place when no gradient is needed).
+
+    Equal (to rounding) to ``F.group_norm(x.transpose(1, 2).reshape(N*T, C, H, W), ...)`` folded back.
+    """
+    n, c, t, h, w = x.shape
+    g, cg = num_groups, c // num_groups
+    var, mean = torch.var_mean(x.view(n, g, cg, t, h * w).float(), dim=(2, 4), keepdim=True, correction=0)
+    rstd = torch.rsqrt(var + eps).expand(n, g, cg, t, 1).reshape(n, c, t, 1, 1)
+    mean = mean.expand(n, g, cg, t, 1).reshape(n, c, t, 1, 1)
+    scale = rstd if weight is None else rstd * weight.float().view(1, c, 1, 1, 1)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.float().view(1, c, 1, 1, 1)
+    y = torch.addcmul(shift, x, scale)
+    if silu:
+        y = F.silu(y, inplace=not y.requires_grad)
+    return y.to(x.dtype)

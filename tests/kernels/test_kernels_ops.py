@@ -1,0 +1,206 @@
+"""Triton kernels of ``videovae.kernels`` against their PyTorch references (outputs and gradients).
+
+Without a GPU the kernels run under ``TRITON_INTERPRET=1`` (see ``conftest.py``), so shapes are tiny
+but deliberately odd: T in {1, 5, 17}, H x W not multiples of the block, C not a multiple of 32.
+bf16 results are compared with the fp32 reference evaluated on the same (bf16-representable)
+inputs; errors are relative RMS.
+"""
+
+import zlib
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed; the Triton kernels cannot be tested")
+
+from videovae.kernels.blend_tile import triton as blend_tr  # noqa: E402
+from videovae.kernels.blend_tile.reference import blend_tile_ref_, normalize_canvas_ref  # noqa: E402
+from videovae.kernels.causal_pad3d import triton as pad_tr  # noqa: E402
+from videovae.kernels.causal_pad3d.reference import causal_pad3d_ref  # noqa: E402
+from videovae.kernels.group_norm_silu import triton as gn_tr  # noqa: E402
+from videovae.kernels.group_norm_silu.reference import group_norm_silu_ref  # noqa: E402
+from videovae.kernels.rms_norm_silu import triton as rms_tr  # noqa: E402
+from videovae.kernels.rms_norm_silu.reference import rms_norm_silu_ref  # noqa: E402
+from videovae.kernels.to_uint8_frames import triton as u8_tr  # noqa: E402
+from videovae.kernels.to_uint8_frames.reference import to_uint8_frames_ref  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+BF16 = torch.bfloat16
+F32 = torch.float32
+
+
+def seeded(*params) -> torch.Generator:
+    """A CPU generator seeded from the test parameters (stable across processes)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(params).encode()))
+
+
+def rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def assert_close(got, want, dtype, what):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert not torch.isnan(got).any(), f"{what}: NaN in the Triton result (unwritten output?)"
+    err = rel_rms(got, want)
+    assert err <= TOL[dtype], f"{what}: relative RMS error {err:.3e} > {TOL[dtype]:.0e}"
+
+
+def make(shape, dtype, device, gen, scale=1.0, shift=0.0, grad=True):
+    """Random tensor drawn from ``gen``, rounded to ``dtype``; returns (low-precision, fp32 twin)."""
+    base = torch.randn(shape, generator=gen) * scale + shift
+    lo = base.to(dtype).to(device).requires_grad_(grad)
+    hi = lo.detach().float().requires_grad_(grad)
+    return lo, hi
+
+
+def grads(out, inputs, dy):
+    return torch.autograd.grad(out, [t for t in inputs if t is not None], dy)
+
+
+GN_CASES = [
+    # shape, groups, per_frame, silu, affine, dtype
+    ((1, 12, 5, 7, 9), 3, True, True, True, F32),
+    ((1, 12, 5, 7, 9), 4, False, True, True, F32),
+    ((2, 12, 1, 13, 11), 4, True, False, False, F32),
+    ((1, 12, 17, 3, 5), 4, False, False, True, F32),
+    ((1, 24, 5, 3, 5), 8, True, True, False, F32),
+    ((1, 24, 5, 3, 5), 8, False, True, True, BF16),
+    ((1, 12, 17, 3, 5), 3, True, True, True, BF16),
+    ((2, 12, 13, 11), 4, True, True, True, F32),
+]
+
+
+@pytest.mark.parametrize("shape,groups,per_frame,silu,affine,dtype", GN_CASES)
+def test_group_norm_silu(shape, groups, per_frame, silu, affine, dtype, device, poison_empty):
+    gen = seeded(shape, groups, per_frame, silu, affine)
+    x, xf = make(shape, dtype, device, gen, scale=2.0, shift=3.0)
+    c = shape[1]
+    w, wf = make((c,), dtype, device, gen, shift=1.0) if affine else (None, None)
+    b, bf = make((c,), dtype, device, gen) if affine else (None, None)
+    y = gn_tr.group_norm_silu(x, w, b, groups, 1e-6, per_frame, silu)
+    ref = group_norm_silu_ref(xf, wf, bf, groups, 1e-6, per_frame, silu)
+    assert y.dtype == dtype
+    assert_close(y, ref, dtype, "output")
+    dy = torch.randn(shape, generator=gen).to(dtype).to(device)
+    got = grads(y, (x, w, b), dy)
+    want = grads(ref, (xf, wf, bf), dy.float())
+    for name, g, r in zip(("dx", "dweight", "dbias"), got, want, strict=False):
+        assert g.dtype == dtype
+        assert_close(g, r, dtype, name)
+
+
+RMS_CASES = [
+    # shape, weight, bias, silu, dtype
+    ((1, 12, 5, 7, 9), True, True, True, F32),
+    ((2, 12, 13, 11), True, False, False, F32),
+    ((1, 200, 3, 5, 3), True, True, True, F32),  # C too large for one register tile: chunked path
+    ((1, 16, 1, 7, 9), False, False, True, F32),
+    ((1, 12, 17, 3, 5), True, True, True, BF16),
+    ((1, 200, 1, 3, 5), True, False, False, BF16),
+]
+
+
+@pytest.mark.parametrize("shape,has_w,has_b,silu,dtype", RMS_CASES)
+def test_rms_norm_silu(shape, has_w, has_b, silu, dtype, device, poison_empty):
+    gen = seeded(shape, has_w, has_b, silu)
+    x, xf = make(shape, dtype, device, gen)
+    c = shape[1]
+    w, wf = make((c,), dtype, device, gen, shift=1.0) if has_w else (None, None)
+    b, bf = make((c,), dtype, device, gen) if has_b else (None, None)
+    y = rms_tr.rms_norm_silu(x, w, b, 1e-12, silu)
+    ref = rms_norm_silu_ref(xf, wf, bf, 1e-12, silu)
+    assert y.dtype == dtype
+    assert_close(y, ref, dtype, "output")
+    dy = torch.randn(shape, generator=gen).to(dtype).to(device)
+    got = grads(y, (x, w, b), dy)
+    want = grads(ref, (xf, wf, bf), dy.float())
+    for name, g, r in zip(("dx", "dweight", "dbias"), got, want, strict=False):
+        assert_close(g, r, dtype, name)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype", [((1, 3, 5, 7, 9), F32), ((2, 3, 1, 13, 11), BF16), ((1, 4, 17, 3, 5), torch.float16)]
+)
+def test_to_uint8_frames(shape, dtype, device, poison_empty):
+    gen = seeded(shape)
+    x = (torch.rand(shape, generator=gen) * 2.4 - 1.2).to(dtype).to(device)
+    x.view(-1)[:4] = torch.tensor([0.0, -1.0, 1.0, 5.0])
+    got = u8_tr.to_uint8_frames(x)
+    want = to_uint8_frames_ref(x)
+    assert got.dtype == torch.uint8 and got.shape == (shape[0], shape[2], shape[3], shape[4], shape[1])
+    assert got.is_contiguous()
+    assert torch.equal(got.cpu(), want.cpu())
+
+
+# (top, left, h, w, ramps) tiles of a 13 x 17 canvas, overlapping, with hard and feathered edges
+TILES = [
+    (0, 0, 8, 10, (0, 3, 0, 2)),
+    (5, 0, 8, 10, (3, 0, 0, 2)),
+    (0, 7, 8, 10, (0, 3, 2, 0)),
+    (5, 7, 8, 10, (3, 0, 2, 0)),
+    (2, 3, 1, 1, (1, 1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("t,dtype", [(1, F32), (5, BF16), (17, F32)])
+def test_blend_tile_and_normalize(t, dtype, device, poison_empty):
+    gen = seeded(t, dtype)
+    n, c, h, w = 1, 3, 13, 17
+    canvas = torch.zeros((n, c, t, h, w), device=device)
+    wsum = torch.zeros((h, w), device=device)
+    canvas_ref, wsum_ref = canvas.clone(), wsum.clone()
+    for top, left, th, tw, ramps in TILES:
+        tile = torch.randn((n, c, t, th, tw), generator=gen).to(dtype).to(device)
+        blend_tr.blend_tile_(canvas, wsum, tile, top, left, *ramps)
+        blend_tile_ref_(canvas_ref, wsum_ref, tile, top, left, *ramps)
+    assert_close(canvas, canvas_ref, F32, "canvas")
+    assert_close(wsum, wsum_ref, F32, "weight_sum")
+    out = blend_tr.normalize_canvas(canvas, wsum)
+    assert out.dtype == F32
+    assert_close(out, normalize_canvas_ref(canvas_ref, wsum_ref), F32, "normalized canvas")
+    got8 = blend_tr.normalize_canvas(canvas, wsum, to_uint8=True)
+    want8 = normalize_canvas_ref(canvas, wsum, to_uint8=True)
+    assert torch.equal(got8.cpu(), want8.cpu())
+
+
+def test_blend_tile_rejects_tile_outside_canvas(device):
+    canvas = torch.zeros((1, 3, 1, 8, 8), device=device)
+    wsum = torch.zeros((8, 8), device=device)
+    tile = torch.zeros((1, 3, 1, 4, 4), device=device)
+    for top, left in ((5, 0), (0, 5), (-1, 0)):
+        with pytest.raises(ValueError, match="outside"):
+            blend_tr.blend_tile_(canvas, wsum, tile, top, left, 1, 1, 1, 1)
+        with pytest.raises(ValueError, match="outside"):
+            blend_tile_ref_(canvas, wsum, tile, top, left, 1, 1, 1, 1)
+
+
+PAD_CASES = [
+    # T, pad_t, pad_h, pad_w, head ("replicate" | "zeros" | "cache"), dtype
+    (5, 2, 1, 1, "replicate", F32),
+    (1, 2, 0, 0, "replicate", F32),
+    (17, 1, 2, 1, "zeros", F32),
+    (5, 2, 1, 1, "cache", F32),
+    (5, 0, 1, 0, "replicate", BF16),
+    (1, 2, 1, 1, "cache", BF16),
+    (17, 2, 1, 1, "replicate", BF16),
+]
+
+
+@pytest.mark.parametrize("t,pad_t,pad_h,pad_w,head,dtype", PAD_CASES)
+def test_causal_pad3d(t, pad_t, pad_h, pad_w, head, dtype, device, poison_empty):
+    gen = seeded(t, pad_t, pad_h, pad_w, head)
+    shape = (2, 3, t, 7, 9)
+    x, xf = make(shape, dtype, device, gen)
+    cache, cache_f = make((2, 3, pad_t, 7, 9), dtype, device, gen) if head == "cache" else (None, None)
+    mode = "zeros" if head == "zeros" else "replicate"
+    y = pad_tr.causal_pad3d(x, pad_t, pad_h, pad_w, cache, mode)
+    ref = causal_pad3d_ref(xf, pad_t, pad_h, pad_w, cache_f, mode)
+    assert y.dtype == dtype and y.is_contiguous()
+    assert torch.equal(y.float().cpu(), ref.detach().cpu())
+    dy = torch.randn(ref.shape, generator=gen).to(dtype).to(device)
+    got = grads(y, (x, cache), dy)
+    want = grads(ref, (xf, cache_f), dy.float())
+    for name, g, r in zip(("dx", "dcache"), got, want, strict=False):
+        assert g.dtype == dtype
+        assert_close(g, r, dtype, name)

@@ -1,0 +1,111 @@
+"""`videovae bench`: encode/decode frames per second and peak memory for several clip lengths.
+
+Each (length, direction) runs in a fresh worker process so that its peak memory is its own:
+the process's peak resident set size on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+Frames come from :func:`videovae.synthetic.synthetic_frames` chunk by chunk and decoded frames
+are dropped as they come, so the figures show the engine's own footprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _worker(argv: list[str]) -> None:
+    from videovae.checkpoint import load_checkpoint
+    from videovae.engine import EngineOptions, VideoGeometry, decode_frames, encode_frames, padded_length
+    from videovae.models import from_preset
+    from videovae.synthetic import synthetic_frames
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--direction", choices=["encode", "decode"])
+    p.add_argument("--frames", type=int)
+    p.add_argument("--size", type=int)
+    p.add_argument("--model")
+    p.add_argument("--weights")
+    p.add_argument("--chunk-frames", type=int)
+    p.add_argument("--tile", type=int)
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+    a = p.parse_args(argv)
+    dtype = getattr(torch, a.dtype)
+    torch.manual_seed(0)
+    model = load_checkpoint(a.weights, a.device, dtype) if a.weights else from_preset(a.model).to(a.device, dtype)
+    model.eval()
+    opts = EngineOptions(chunk_frames=a.chunk_frames, tile=a.tile, device=a.device, dtype=dtype)
+    if a.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    baseline = _peak_bytes(a.device)
+    start = time.perf_counter()
+    if a.direction == "encode":
+        encode_frames(model, synthetic_frames(a.frames, a.size, a.size, chunk_frames=16), opts)
+        frames = a.frames
+    else:
+        t = padded_length(a.frames, model.time_factor)
+        lat = a.size // model.space_factor
+        z = torch.randn(1, model.latent_channels, 1 + (t - 1) // model.time_factor, lat, lat)
+        geometry = VideoGeometry(a.frames, a.size, a.size, t, a.size, a.size)
+        frames = sum(chunk.shape[0] for chunk in decode_frames(model, z, geometry, opts))
+    if a.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"direction": a.direction, "frames": frames, "seconds": seconds, "fps": frames / seconds,
+                      "peak_bytes": _peak_bytes(a.device), "baseline_bytes": baseline}))
+
+
+def run_bench(args) -> list[dict]:
+    """Run the workers for every requested length and print a table; returns the rows."""
+    lengths = [int(v) for v in args.frames.split(",") if v.strip()]
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"--frames needs positive clip lengths, got {args.frames!r}")
+    model_args = ["--weights", args.weights] if args.weights else ["--model", args.model or "tiny"]
+    chunk = 16 if args.chunk_frames is None else args.chunk_frames
+    tile = 0 if args.tile is None else args.tile
+    rows = []
+    for frames in lengths:
+        for direction in ("encode", "decode"):
+            cmd = [sys.executable, "-m", "videovae.bench", "--direction", direction, "--frames", str(frames),
+                   "--size", str(args.size), *model_args, "--chunk-frames", str(chunk), "--tile", str(tile),
+                   "--device", args.device, "--dtype", {"fp32": "float32", "bf16": "bfloat16",
+                                                        "fp16": "float16"}.get(args.dtype, args.dtype)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"bench worker failed ({direction}, {frames} frames): {done.stderr.strip()[-2000:]}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    name = args.weights or args.model or "tiny"
+    print(f"videovae bench: {name}, {args.size}x{args.size}, chunk {chunk} frames, tile {tile or 'off'}, "
+          f"{args.device} {args.dtype}")
+    print(f"{'frames':>7} {'encode fps':>11} {'encode peak MiB':>16} {'decode fps':>11} {'decode peak MiB':>16}")
+    for i, frames in enumerate(lengths):
+        enc, dec = rows[2 * i], rows[2 * i + 1]
+        print(f"{frames:>7} {enc['fps']:>11.2f} {enc['peak_bytes'] / 2**20:>16.0f} {dec['fps']:>11.2f} "
+              f"{dec['peak_bytes'] / 2**20:>16.0f}")
+    if len(lengths) > 1:
+        first, last = rows[1]["peak_bytes"], rows[-1]["peak_bytes"]
+        print(f"decode peak at {lengths[-1]} frames / at {lengths[0]} frames: {last / first:.3f}")
+        first, last = rows[0]["peak_bytes"], rows[-2]["peak_bytes"]
+        print(f"encode peak at {lengths[-1]} frames / at {lengths[0]} frames: {last / first:.3f}")
+    if args.json:
+        from videovae.fileutil import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps({"size": args.size, "chunk_frames": chunk, "tile": tile, "rows": rows},
+                                      indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

@@ -1,0 +1,382 @@
+"""The ``videovae`` command line.
+
+Every command reports bad input as one line ``videovae: error: ...`` on stderr and exits with
+status 1; outputs are written atomically, so a failed command leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from videovae import __version__
+from videovae.checkpoint import CheckpointError, load_checkpoint, model_digest, read_metadata, save_checkpoint
+from videovae.engine import (
+    DEFAULT_CHUNK_FRAMES,
+    EngineOptions,
+    MemoryBudgetError,
+    decode_frames,
+    encode_frames,
+    parse_size,
+    plan_for_budget,
+)
+from videovae.fileutil import atomic_path
+from videovae.io import VideoIOError, VideoReader, VideoWriter, probe
+from videovae.latents import LatentFileError, LatentMeta, check_model_matches, load_latents, save_latents
+from videovae.models import PRESETS, from_preset
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+READ_CHUNK = 16
+
+USER_ERRORS = (VideoIOError, CheckpointError, LatentFileError, MemoryBudgetError, ValueError, FileNotFoundError,
+               TypeError)
+
+
+class CLIError(ValueError):
+    """An error worth one line to the user."""
+
+
+# --- shared helpers ---------------------------------------------------------------------------------
+
+
+def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--chunk-frames", type=int, default=None,
+                   help=f"video frames per time chunk after the first (default {DEFAULT_CHUNK_FRAMES}; 0 = whole clip)")
+    g.add_argument("--tile", type=int, default=None, help="spatial tile size in pixels (default 0 = no tiling)")
+    g.add_argument("--max-memory", default=None, help="memory budget, e.g. 2G: picks chunk length and tile size")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype")
+    if frames:
+        g.add_argument("--max-frames", type=int, default=None, help="read at most this many frames")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _engine_options(args, model, height: int, width: int) -> EngineOptions:
+    dtype = DTYPES[args.dtype]
+    chunk, tile = args.chunk_frames, args.tile
+    if args.max_memory is not None:
+        budget = parse_size(args.max_memory)
+        auto_chunk, auto_tile = plan_for_budget(model, height, width, budget, dtype)
+        chunk = auto_chunk if chunk is None else chunk
+        tile = auto_tile if tile is None else tile
+    return EngineOptions(
+        chunk_frames=DEFAULT_CHUNK_FRAMES if chunk is None else chunk,
+        tile=0 if tile is None else tile,
+        device=args.device,
+        dtype=dtype,
+        progress=not args.quiet,
+    )
+
+
+def _load_model(args):
+    model = load_checkpoint(args.weights, device=args.device, dtype=DTYPES[args.dtype])
+    return model
+
+
+def _check_output_parent(path: str) -> None:
+    parent = Path(path.rstrip("/")).resolve().parent
+    if not parent.is_dir():
+        raise CLIError(f"{path}: output folder {parent} does not exist")
+
+
+def _counted(chunks: Iterator[torch.Tensor], progress) -> Iterator[torch.Tensor]:
+    for chunk in chunks:
+        progress.update(chunk.shape[0])
+        yield chunk
+
+
+def _frame_progress(args, desc: str, total: int | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame", disable=args.quiet, leave=False)
+
+
+def _encode_file(args, model, path: str, sample: bool, seed: int | None):
+    """Stream ``path`` through the encoder; returns (latent, LatentMeta)."""
+    info = probe(path)
+    opts = _engine_options(args, model, info.height, info.width)
+    total = info.num_frames if args.max_frames is None or info.num_frames is None else min(
+        info.num_frames, args.max_frames)
+    with VideoReader(path, max_frames=args.max_frames) as reader, _frame_progress(args, "read", total) as bar:
+        result = encode_frames(model, _counted(reader.iter_chunks(READ_CHUNK), bar), opts)
+    if sample:
+        generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+        latent = result.sample(generator)
+    else:
+        latent = result.mean
+    meta = LatentMeta(
+        family=model.family,
+        config=model.config.to_dict(),
+        weights_sha256=model_digest(model),
+        scaling_factor=model.config.scaling_factor,
+        shift_factor=model.config.shift_factor,
+        fps=info.fps,
+        geometry=result.geometry,
+        dtype="float32",
+        sampled=sample,
+        source=os.path.basename(path),
+        extra={"chunk_frames": opts.chunk_frames, "tile": opts.tile},
+    )
+    return latent, meta
+
+
+def _decode_to_writer(args, model, latent: torch.Tensor, meta: LatentMeta, out: str, on_frames=None) -> int:
+    g = meta.geometry
+    opts = _engine_options(args, model, g.padded_height, g.padded_width)
+    written = 0
+    with VideoWriter(out, meta.fps, crf=args.crf) as writer, _frame_progress(args, "decode", g.frames) as bar:
+        for frames in decode_frames(model, latent, g, opts):
+            writer.write(frames)
+            if on_frames is not None:
+                on_frames(frames)
+            written += frames.shape[0]
+            bar.update(frames.shape[0])
+    return written
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+
+def cmd_init(args) -> None:
+    torch.manual_seed(args.seed)
+    model = from_preset(args.model)
+    _check_output_parent(args.output)
+    digest = save_checkpoint(args.output, model, dtype=DTYPES[args.dtype] if args.dtype else None,
+                             extra={"preset": args.model, "seed": args.seed})
+    params = model.num_parameters()
+    print(f"wrote {args.output}: {args.model}, {params['total']:,} parameters, sha256 {digest[:12]}")
+
+
+def cmd_encode(args) -> None:
+    _check_output_parent(args.output)
+    model = _load_model(args)
+    latent, meta = _encode_file(args, model, args.input, args.sample, args.seed)
+    save_latents(args.output, latent, meta)
+    g = meta.geometry
+    if not args.quiet:
+        print(f"wrote {args.output}: latent {tuple(latent.shape)} from {g.frames} frames {g.width}x{g.height}")
+
+
+def cmd_decode(args) -> None:
+    _check_output_parent(args.output)
+    latent, meta = load_latents(args.input)
+    model = _load_model(args)
+    check_model_matches(meta, model, model_digest(model), args.input)
+    n = _decode_to_writer(args, model, latent, meta, args.output)
+    if not args.quiet:
+        print(f"wrote {args.output}: {n} frames {meta.geometry.width}x{meta.geometry.height} @ {meta.fps:g} fps")
+
+
+def cmd_roundtrip(args) -> None:
+    from videovae.metrics import MetricAccumulator
+
+    for path in (args.output, args.latents, args.metrics, args.preview):
+        if path:
+            _check_output_parent(path)
+    model = _load_model(args)
+    latent, meta = _encode_file(args, model, args.input, False, None)
+    if args.latents:
+        save_latents(args.latents, latent, meta)
+    accumulator = MetricAccumulator()
+    preview = _PreviewCollector(meta.geometry.frames, count=4) if args.preview else None
+    with VideoReader(args.input, max_frames=args.max_frames) as reader:
+        originals = _rechunk(reader.iter_chunks(READ_CHUNK))
+
+        def compare(frames: torch.Tensor) -> None:
+            original = originals.take(frames.shape[0])
+            accumulator.update(original, frames)
+            if preview is not None:
+                preview.add(original, frames)
+
+        _decode_to_writer(args, model, latent, meta, args.output, on_frames=compare)
+    metrics = accumulator.result()
+    metrics.update(input=args.input, output=args.output, weights=args.weights, latent_shape=list(latent.shape))
+    if args.metrics:
+        with atomic_path(args.metrics) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2))
+    if preview is not None:
+        preview.save(args.preview)
+    print(f"{args.input} -> {args.output}: {metrics['frames']} frames, PSNR {metrics['psnr']:.2f} dB, "
+          f"SSIM {metrics['ssim']:.4f}, flicker {metrics['flicker']:.4f}")
+
+
+class _rechunk:
+    """Serve frames from a chunk iterator in pieces of any requested length."""
+
+    def __init__(self, chunks: Iterator[torch.Tensor]):
+        self.chunks = chunks
+        self.buffer: torch.Tensor | None = None
+
+    def take(self, n: int) -> torch.Tensor:
+        parts = []
+        while n > 0:
+            if self.buffer is None or self.buffer.shape[0] == 0:
+                self.buffer = next(self.chunks)
+            part, self.buffer = self.buffer[:n], self.buffer[n:]
+            parts.append(part)
+            n -= part.shape[0]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+class _PreviewCollector:
+    """Keeps a few evenly spaced (original, reconstruction) frames for a side-by-side PNG."""
+
+    def __init__(self, total: int, count: int):
+        self.wanted = sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(min(count, total))})
+        self.seen = 0
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add(self, original: torch.Tensor, reconstruction: torch.Tensor) -> None:
+        for i in range(original.shape[0]):
+            if self.seen + i in self.wanted:
+                self.rows.append((original[i].clone(), reconstruction[i].clone()))
+        self.seen += original.shape[0]
+
+    def save(self, path: str) -> None:
+        from videovae.io import write_png
+
+        rows = []
+        for original, reconstruction in self.rows:
+            error = (original.float() - reconstruction.float()).abs().mean(dim=-1, keepdim=True)
+            error_map = (error * 4).clamp(0, 255).to(torch.uint8).expand(-1, -1, 3)
+            rows.append(torch.cat([original, reconstruction, error_map], dim=1))
+        write_png(path, torch.cat(rows, dim=0))
+
+
+def cmd_info(args) -> None:
+    path = args.file
+    if not os.path.exists(path):
+        raise CLIError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        try:
+            meta = read_metadata(path)
+        except CheckpointError:
+            latent, lmeta = load_latents(path)
+            g = lmeta.geometry
+            print(f"{path}: videovae latents {tuple(latent.shape)} {latent.dtype}")
+            print(f"  model: {lmeta.family}, weights sha256 {lmeta.weights_sha256[:12]}")
+            print(f"  video: {g.frames} frames {g.width}x{g.height} @ {lmeta.fps:g} fps "
+                  f"(padded to {g.padded_frames} x {g.padded_width}x{g.padded_height}, {g.pad_mode})")
+            print(f"  scaling {lmeta.scaling_factor:g}, shift {lmeta.shift_factor:g}, sampled: {lmeta.sampled}")
+            return
+        model = load_checkpoint(path)
+        params = model.num_parameters()
+        print(f"{path}: videovae checkpoint, family {meta['family']}, weights sha256 {meta['weights_sha256'][:12]}")
+        print(f"  compression {model.time_factor}x{model.space_factor}x{model.space_factor}, "
+              f"{model.latent_channels} latent channels, parameters: encoder {params['encoder']:,}, "
+              f"decoder {params['decoder']:,}")
+        print(f"  exactly streamable: {model.config.exactly_streamable}, "
+              f"halo tiling exact: {model.config.halo_tiling_exact}")
+        print("  config: " + json.dumps(meta["config"], sort_keys=True))
+        return
+    info = probe(path)
+    frames = "unknown" if info.num_frames is None else str(info.num_frames)
+    print(f"{path}: video {info.width}x{info.height}, {frames} frames @ {info.fps:g} fps, "
+          f"{info.codec} {info.pix_fmt}")
+
+
+def cmd_models(args) -> None:
+    print(f"{'preset':<16} {'family':<12} {'compression':<12} {'z':>3} {'encoder':>12} {'decoder':>12}  notes")
+    for name, (family, cfg) in PRESETS.items():
+        model = from_preset(name)
+        params = model.num_parameters()
+        notes = []
+        notes.append("exact streaming" if cfg.exactly_streamable else "approximate streaming")
+        if cfg.halo_tiling_exact:
+            notes.append("exact halo tiling")
+        comp = f"{cfg.time_factor}x{cfg.space_factor}x{cfg.space_factor}"
+        print(f"{name:<16} {family:<12} {comp:<12} {cfg.latent_channels:>3} {params['encoder']:>12,} "
+              f"{params['decoder']:>12,}  {', '.join(notes)}")
+
+
+def cmd_bench(args) -> None:
+    from videovae.bench import run_bench
+
+    run_bench(args)
+
+
+# --- parser ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="videovae", description="Causal 3D video VAEs: encode, decode, measure.")
+    parser.add_argument("--version", action="version", version=f"videovae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a freshly initialised checkpoint")
+    p.add_argument("--model", required=True, help="preset name (see `videovae models`)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="store weights in this dtype")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("encode", help="video -> latent file")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--sample", action="store_true", help="store a posterior sample instead of the mean")
+    p.add_argument("--seed", type=int, default=None, help="seed of --sample")
+    _add_engine_flags(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="latent file -> video (.mp4 H.264, .mkv lossless FFV1, or a PNG folder)")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--crf", type=int, default=18)
+    _add_engine_flags(p, frames=False)
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("roundtrip", help="encode and decode a video, with metrics and a preview")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--latents", default=None, help="also save the latents here")
+    p.add_argument("--metrics", default=None, help="write PSNR/SSIM/flicker JSON here")
+    p.add_argument("--preview", default=None, help="write a side-by-side PNG (original | reconstruction | error)")
+    p.add_argument("--crf", type=int, default=18)
+    _add_engine_flags(p)
+    p.set_defaults(func=cmd_roundtrip)
+
+    p = sub.add_parser("info", help="describe a video, checkpoint or latent file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list the model presets")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", help="encode/decode speed and peak memory for several clip lengths")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="preset (default tiny)")
+    src.add_argument("--weights", default=None)
+    p.add_argument("--frames", default="17,65,257", help="comma-separated clip lengths")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--json", default=None, help="also write the results as JSON")
+    _add_engine_flags(p, frames=False)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CLIError, *USER_ERRORS) as err:
+        print(f"videovae: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("videovae: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""Streaming, tiled inference: encode and decode clips of any length in bounded memory.
+
+Time is processed in chunks that carry the causal caches (:class:`videovae.layers.CausalCache`):
+the first chunk holds frame 0 plus ``chunk_frames`` frames, every later chunk ``chunk_frames``
+frames (a multiple of the model's time factor), so each chunk maps to whole latent frames. Space
+is processed in tiles laid on the latent grid, for the full-resolution, convolution-only parts of
+the model (the encoder's down levels, the decoder's up levels); the latent-resolution parts (mid
+blocks with attention) are small and run untiled, so attention always sees the whole frame. Each
+tile is run with a *halo* of extra context around its core, and neighbouring tiles are blended
+with linear feather weights over a band of ``2 * ramp`` latent pixels centred on their common edge.
+
+Exactness (fp32): for models whose ``config.exactly_streamable`` holds, chunked output equals
+whole-clip output. For models whose ``config.halo_tiling_exact`` holds (no per-tile statistics in
+the tiled parts, e.g. RMSNorm), the halo covers the receptive field and tiled output equals
+untiled output; models with GroupNorm get the same halo, and differ only through per-tile
+normalisation statistics.
+
+Padding: frames are added at the end (copies of the last frame) up to ``1 + k * t_down`` and
+rows/columns at the bottom/right (replicate) up to multiples of the spatial factor. The
+:class:`VideoGeometry` records both so that decoding crops back to the original size.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from videovae.kernels import blend_tile_, normalize_canvas, to_uint8_frames
+from videovae.layers import CausalCache
+
+DEFAULT_CHUNK_FRAMES = 16
+DEFAULT_TILE = 256
+
+
+class MemoryBudgetError(ValueError):
+    """The requested size cannot be processed within the memory budget."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to cut work into chunks and tiles.
+
+    chunk_frames: frames per time chunk after the first frame (multiple of the time factor);
+        0 runs the whole clip at once.
+    tile: tile size in pixels (multiple of the spatial factor); 0 disables tiling.
+    ramp: half-width, in latent pixels, of the feather band between tiles (None: tile/16 latents,
+        at least 1).
+    halo: extra context in latent pixels around each tile core (None: the receptive field of the
+        tiled part plus the ramp).
+    """
+
+    chunk_frames: int = DEFAULT_CHUNK_FRAMES
+    tile: int = 0
+    ramp: int | None = None
+    halo: int | None = None
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    progress: bool = False
+
+
+@dataclass
+class VideoGeometry:
+    """Original and padded clip size, recorded in latent files to crop decodes back."""
+
+    frames: int
+    height: int
+    width: int
+    padded_frames: int
+    padded_height: int
+    padded_width: int
+    pad_mode: str = "replicate"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def padded_length(frames: int, time_factor: int) -> int:
+    return 1 + math.ceil((frames - 1) / time_factor) * time_factor
+
+
+def check_options(model, opts: EngineOptions) -> None:
+    tf, sf = model.time_factor, model.space_factor
+    if opts.chunk_frames < 0 or opts.chunk_frames % tf:
+        raise ValueError(f"chunk_frames={opts.chunk_frames} must be 0 or a positive multiple of {tf}")
+    if opts.tile < 0 or opts.tile % sf:
+        raise ValueError(f"tile={opts.tile} must be 0 or a positive multiple of {sf} pixels")
+    if opts.tile and opts.tile // sf < 2:
+        raise ValueError(f"tile={opts.tile} is too small: at least {2 * sf} pixels")
+
+
+# --- spatial tiles ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Span:
+    """One tile along one axis, in latent pixels: run on [ext0, ext1), keep [keep0, keep1)."""
+
+    ext0: int
+    ext1: int
+    keep0: int
+    keep1: int
+    ramp_before: int
+    ramp_after: int
+
+
+def tile_spans(size: int, core: int, halo: int, ramp: int) -> list[Span]:
+    """Split ``size`` latent pixels into near-equal cores of at most ``core``; each tile keeps its
+    core plus ``ramp`` on interior sides (the feather band) and runs on the core plus ``halo``."""
+    count = max(1, math.ceil(size / core))
+    bounds = [round(i * size / count) for i in range(count + 1)]
+    spans = []
+    for i in range(count):
+        c0, c1 = bounds[i], bounds[i + 1]
+        before = ramp if i > 0 else 0
+        after = ramp if i < count - 1 else 0
+        spans.append(
+            Span(
+                ext0=max(0, c0 - halo),
+                ext1=min(size, c1 + halo),
+                keep0=c0 - before,
+                keep1=c1 + after,
+                ramp_before=2 * before,
+                ramp_after=2 * after,
+            )
+        )
+    return spans
+
+
+@dataclass
+class TilePlan:
+    rows: list[Span]
+    cols: list[Span]
+
+    def __iter__(self) -> Iterator[tuple[Span, Span]]:
+        for r in self.rows:
+            for c in self.cols:
+                yield r, c
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+
+def plan_tiles(model, lat_h: int, lat_w: int, opts: EngineOptions, *, encoder: bool) -> TilePlan | None:
+    if not opts.tile:
+        return None
+    core = opts.tile // model.space_factor
+    if lat_h <= core and lat_w <= core:
+        return None
+    ramp = opts.ramp if opts.ramp is not None else max(1, core // 16)
+    if ramp * 2 > core:
+        raise ValueError(f"ramp {ramp} is too wide for tiles of {core} latent pixels")
+    if opts.halo is not None:
+        halo = opts.halo
+    else:
+        radius = model.encoder_receptive_radius() if encoder else model.decoder_receptive_radius()
+        halo = math.ceil(radius) + ramp
+    if halo < ramp:
+        raise ValueError(f"halo {halo} must be at least the ramp {ramp}")
+    return TilePlan(tile_spans(lat_h, core, halo, ramp), tile_spans(lat_w, core, halo, ramp))
+
+
+def _run_tiled(fn, x: Tensor, plan: TilePlan | None, caches: list, in_scale: int, out_scale: int) -> Tensor:
+    """Apply ``fn(x_tile, cache) -> (y_tile, cache)`` tile by tile and blend into one canvas.
+
+    ``in_scale``/``out_scale``: pixels per latent pixel of the input/output (8 and 1 for the
+    encoder, 1 and 8 for the decoder)."""
+    if plan is None:
+        y, caches[0] = fn(x, caches[0])
+        return y
+    canvas = weights = None
+    for index, (r, c) in enumerate(plan):
+        x_tile = x[..., r.ext0 * in_scale : r.ext1 * in_scale, c.ext0 * in_scale : c.ext1 * in_scale].contiguous()
+        y_tile, caches[index] = fn(x_tile, caches[index])
+        if canvas is None:
+            n, ch, t = y_tile.shape[:3]
+            h = plan.rows[-1].keep1 * out_scale
+            w = plan.cols[-1].keep1 * out_scale
+            canvas = torch.zeros(n, ch, t, h, w, device=y_tile.device, dtype=torch.float32)
+            weights = torch.zeros(h, w, device=y_tile.device, dtype=torch.float32)
+        kept = y_tile[
+            ...,
+            (r.keep0 - r.ext0) * out_scale : (r.keep1 - r.ext0) * out_scale,
+            (c.keep0 - c.ext0) * out_scale : (c.keep1 - c.ext0) * out_scale,
+        ]
+        blend_tile_(
+            canvas,
+            weights,
+            kept,
+            r.keep0 * out_scale,
+            c.keep0 * out_scale,
+            r.ramp_before * out_scale,
+            r.ramp_after * out_scale,
+            c.ramp_before * out_scale,
+            c.ramp_after * out_scale,
+        )
+    return normalize_canvas(canvas, weights).to(x.dtype)
+
+
+def _new_caches(opts: EngineOptions, plan: TilePlan | None) -> tuple[list, CausalCache | None]:
+    """One cache per tile for the tiled part, one for the untiled latent-resolution part
+    (all None in whole-clip mode)."""
+    streaming = bool(opts.chunk_frames)
+    tiles = [CausalCache() if streaming else None for _ in range(len(plan) if plan else 1)]
+    return tiles, CausalCache() if streaming else None
+
+
+# --- encode ----------------------------------------------------------------------------------------
+
+
+def _frames_to_model(frames: Iterable[Tensor], device: str, dtype: torch.dtype) -> Iterator[Tensor]:
+    """uint8 (t, H, W, 3) RGB chunks -> float (1, 3, t, H, W) chunks in [-1, 1]."""
+    for chunk in frames:
+        if chunk.dtype != torch.uint8 or chunk.ndim != 4 or chunk.shape[-1] != 3:
+            raise ValueError(f"expected uint8 frames (t, H, W, 3), got {chunk.dtype} {tuple(chunk.shape)}")
+        yield chunk.to(device).permute(3, 0, 1, 2).unsqueeze(0).to(dtype) / 127.5 - 1.0
+
+
+class _ChunkSource:
+    """Regroups float (1, 3, t, H, W) chunks in [-1, 1] into model chunks: padded to the spatial
+    factor, the first chunk ``1 + chunk_frames`` long, then ``chunk_frames``, the last padded in
+    time with copies of its last frame. ``geometry`` is complete once iteration ends."""
+
+    def __init__(self, chunks: Iterable[Tensor], chunk_frames: int, time_factor: int, space_factor: int):
+        self.chunks = chunks
+        self.chunk_frames = chunk_frames
+        self.time_factor = time_factor
+        self.space_factor = space_factor
+        self.geometry: VideoGeometry | None = None
+
+    def _pad_space(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = -h % self.space_factor, -w % self.space_factor
+        if ph or pw:
+            x = F.pad(x[0], (0, pw, 0, ph), mode="replicate").unsqueeze(0)
+        return x
+
+    def __iter__(self) -> Iterator[Tensor]:
+        total = 0
+        size: tuple[int, int] | None = None
+        buffered: list[Tensor] = []
+        buffered_len = 0
+        want = 1 + self.chunk_frames if self.chunk_frames else None
+        last_frame = None
+        for chunk in self.chunks:
+            if chunk.ndim != 5 or chunk.shape[:2] != (1, 3):
+                raise ValueError(f"expected (1, 3, t, H, W) chunks, got {tuple(chunk.shape)}")
+            if chunk.shape[2] == 0:
+                continue
+            if size is None:
+                size = tuple(chunk.shape[-2:])
+            elif tuple(chunk.shape[-2:]) != size:
+                raise ValueError(f"frame size changed mid-stream: {tuple(chunk.shape[-2:])} vs {size}")
+            total += chunk.shape[2]
+            buffered.append(self._pad_space(chunk))
+            buffered_len += chunk.shape[2]
+            while want is not None and buffered_len >= want:
+                x = torch.cat(buffered, dim=2) if len(buffered) > 1 else buffered[0]
+                out, rest = x[:, :, :want], x[:, :, want:]
+                last_frame = out[:, :, -1:]
+                yield out
+                buffered, buffered_len = ([rest], rest.shape[2]) if rest.shape[2] else ([], 0)
+                want = self.chunk_frames
+        if size is None:
+            raise ValueError("the video has no frames")
+        padded_total = padded_length(total, self.time_factor)
+        missing = padded_total - total
+        if buffered or missing:
+            x = torch.cat(buffered, dim=2) if buffered else None
+            if missing:
+                last = x[:, :, -1:] if x is not None else last_frame
+                tail = last.expand(-1, -1, missing, -1, -1)
+                x = tail if x is None else torch.cat([x, tail], dim=2)
+            yield x
+        sf = self.space_factor
+        self.geometry = VideoGeometry(
+            frames=total,
+            height=size[0],
+            width=size[1],
+            padded_frames=padded_total,
+            padded_height=size[0] + (-size[0] % sf),
+            padded_width=size[1] + (-size[1] % sf),
+        )
+
+
+@dataclass
+class EncodeResult:
+    """Posterior moments of a clip: ``mean`` / ``logvar`` (1, z, T', h, w), and the geometry."""
+
+    mean: Tensor
+    logvar: Tensor
+    geometry: VideoGeometry
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * noise
+
+
+@torch.no_grad()
+def encode_chunks(model, chunks: Iterable[Tensor], opts: EngineOptions | None = None) -> EncodeResult:
+    """Encode a stream of float (1, 3, t, H, W) chunks in [-1, 1] of one clip.
+
+    Any frame count and size are accepted: the clip is padded (replicate) and the geometry is
+    recorded. Only one chunk is held at a time; the latent is returned whole (float32, CPU)."""
+    opts = opts or EngineOptions()
+    check_options(model, opts)
+    source = _ChunkSource(chunks, opts.chunk_frames, model.time_factor, model.space_factor)
+    sf = model.space_factor
+    moments: list[Tensor] = []
+    plan = tile_caches = head_cache = None
+    progress = _progress(opts, "encode", unit="chunk")
+    for x in source:
+        if tile_caches is None:
+            plan = plan_tiles(model, x.shape[-2] // sf, x.shape[-1] // sf, opts, encoder=True)
+            tile_caches, head_cache = _new_caches(opts, plan)
+        features = _run_tiled(model.encode_body, x.to(opts.device, opts.dtype), plan, tile_caches, sf, 1)
+        chunk_moments, head_cache = model.encode_head(features, head_cache)
+        moments.append(chunk_moments.float().cpu())
+        progress.update(1)
+    progress.close()
+    posterior = model.posterior(torch.cat(moments, dim=2))
+    return EncodeResult(posterior.mean, posterior.logvar, source.geometry)
+
+
+def encode_frames(model, frames: Iterable[Tensor], opts: EngineOptions | None = None) -> EncodeResult:
+    """Encode a stream of uint8 (t, H, W, 3) RGB frame chunks (e.g. ``VideoReader.iter_chunks``)."""
+    opts = opts or EngineOptions()
+    return encode_chunks(model, _frames_to_model(frames, opts.device, opts.dtype), opts)
+
+
+def encode_tensor(model, video: Tensor, **options) -> Tensor:
+    """Encode a (1, 3, T, H, W) clip in [-1, 1] through the engine; returns the posterior mean
+    (1, z, T', h, w) of the padded clip."""
+    return encode_chunks(model, [video], EngineOptions(**options)).mean
+
+
+def _chunk_bounds(length: int, chunk: int, first_extra: int = 1) -> list[tuple[int, int]]:
+    """[(start, end)] cutting ``length`` into a first chunk of ``first_extra + chunk`` and then
+    chunks of ``chunk`` (``chunk == 0``: one chunk)."""
+    if not chunk:
+        return [(0, length)]
+    bounds = [(0, min(length, first_extra + chunk))]
+    while bounds[-1][1] < length:
+        start = bounds[-1][1]
+        bounds.append((start, min(length, start + chunk)))
+    return bounds
+
+
+# --- decode ----------------------------------------------------------------------------------------
+
+
+def latent_chunk_frames(model, opts: EngineOptions) -> int:
+    """Latent frames per decode chunk matching ``chunk_frames`` video frames."""
+    return opts.chunk_frames // model.time_factor if opts.chunk_frames else 0
+
+
+@torch.no_grad()
+def decode_chunks(model, z: Tensor, opts: EngineOptions | None = None) -> Iterator[Tensor]:
+    """Decode unscaled latents (1, z, T', h, w) chunk by chunk; yields float32 NCTHW chunks in
+    [-1, 1] (not clamped) of the padded clip, in order, on ``opts.device``."""
+    opts = opts or EngineOptions()
+    check_options(model, opts)
+    if z.ndim != 5 or z.shape[0] != 1 or z.shape[1] != model.latent_channels:
+        raise ValueError(f"expected latents (1, {model.latent_channels}, T, h, w), got {tuple(z.shape)}")
+    sf = model.space_factor
+    plan = plan_tiles(model, z.shape[-2], z.shape[-1], opts, encoder=False)
+    tile_caches, stem_cache = _new_caches(opts, plan)
+    bounds = _chunk_bounds(z.shape[2], latent_chunk_frames(model, opts))
+    progress = _progress(opts, "decode", unit="chunk", total=len(bounds))
+    for a, b in bounds:
+        features, stem_cache = model.decode_stem(z[:, :, a:b].to(opts.device, opts.dtype), stem_cache)
+        yield _run_tiled(model.decode_body, features, plan, tile_caches, 1, sf).float()
+        progress.update(1)
+    progress.close()
+
+
+def decode_tensor(model, z: Tensor, geometry: VideoGeometry | None = None, **options) -> Tensor:
+    """Decode latents through the engine to one float32 NCTHW clip in [-1, 1] (not clamped),
+    cropped to ``geometry`` when given."""
+    opts = EngineOptions(**options)
+    out = torch.cat([c.cpu() for c in decode_chunks(model, z, opts)], dim=2)
+    if geometry is not None:
+        out = out[:, :, : geometry.frames, : geometry.height, : geometry.width]
+    return out
+
+
+def decode_frames(model, z: Tensor, geometry: VideoGeometry, opts: EngineOptions | None = None) -> Iterator[Tensor]:
+    """Decode to uint8 RGB frame chunks (t, H, W, 3) on the CPU, cropped to the original
+    geometry: padding frames are never yielded. Memory stays bounded by one chunk."""
+    emitted = 0
+    for chunk in decode_chunks(model, z, opts):
+        keep = min(chunk.shape[2], geometry.frames - emitted)
+        if keep <= 0:
+            break
+        frames = to_uint8_frames(chunk[:, :, :keep, : geometry.height, : geometry.width])[0]
+        emitted += keep
+        yield frames.cpu()
+
+
+# --- memory budget -----------------------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'1.5G', '800M', '2GB', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"cannot read memory size {text!r} (use e.g. 800M or 2G)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+# Working tensors per conv block (input, normalised copy, padded copy, conv output, residual sum).
+_LIVE_TENSORS = 5
+
+
+def estimate_peak_bytes(model, chunk_frames: int, tile_h: int, tile_w: int, dtype: torch.dtype) -> int:
+    """Rough peak activation memory of decoding (the larger of encode/decode) one chunk of
+    ``1 + chunk_frames`` video frames on a tile of ``tile_h`` x ``tile_w`` pixels, plus weights."""
+    cfg = model.config
+    item = torch.empty((), dtype=dtype).element_size()
+    frames = 1 + chunk_frames
+    levels = len(cfg.channel_mult)
+    peak = 0
+    t, h, w = frames, tile_h, tile_w
+    for i in range(levels):
+        channels = cfg.base_channels * cfg.channel_mult[i]
+        peak = max(peak, _LIVE_TENSORS * channels * t * h * w * item)
+        if i < levels - 1:
+            h, w = h // 2, w // 2
+            if cfg.temporal_down[i]:
+                t = 1 + (t - 1) // 2
+        # attention materialises (h*w)^2 scores per frame at the lowest level
+    if cfg.attention:
+        peak = max(peak, t * (h * w) ** 2 * item * 2)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    canvas = 3 * frames * tile_h * tile_w * 4 * 2
+    return peak + weights + canvas
+
+
+def plan_for_budget(model, height: int, width: int, budget: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Pick (chunk_frames, tile) for a clip of ``height`` x ``width`` pixels within ``budget``
+    bytes: the largest chunk, untiled if possible, else the largest tile that fits."""
+    tf, sf = model.time_factor, model.space_factor
+    tiles = [0] + [t for t in (1024, 768, 512, 384, 256, 192, 128, 96, 64) if t % sf == 0 and t < max(height, width)]
+    chunks = [c * tf for c in (8, 4, 2, 1)]
+    for tile in tiles:
+        th, tw = (height, width) if tile == 0 else (min(tile, height), min(tile, width))
+        th, tw = th + (-th % sf), tw + (-tw % sf)
+        for chunk in chunks:
+            if estimate_peak_bytes(model, chunk, th, tw, dtype) <= budget:
+                return chunk, tile
+    need = estimate_peak_bytes(model, chunks[-1], min(64, height), min(64, width), dtype)
+    raise MemoryBudgetError(
+        f"{height}x{width} video does not fit a memory budget of {budget / 2**20:.0f} MiB "
+        f"(the smallest chunk and tile need about {need / 2**20:.0f} MiB)"
+    )
+
+
+def _progress(opts: EngineOptions, desc: str, unit: str, total: int | None = None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not opts.progress, leave=False)

@@ -1,0 +1,104 @@
+"""Latent files: safetensors holding the latent and everything needed to decode it faithfully.
+
+Tensors: ``latent`` (1, z, T', h, w), raw (unscaled) posterior mean or sample, in ``dtype``.
+Metadata (JSON under the ``videovae`` key): format and version, the model family and config,
+the weights digest, scaling/shift factors (diffusion-ready latents are ``(latent - shift) * scale``),
+fps, original and padded T/H/W, padding mode, dtype, whether the latent was sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from videovae.engine import VideoGeometry
+from videovae.fileutil import atomic_path
+
+LATENT_FORMAT = "videovae-latents"
+LATENT_VERSION = 1
+METADATA_KEY = "videovae"
+
+
+class LatentFileError(ValueError):
+    """A latent file that cannot be read, or that does not match the model at hand."""
+
+
+@dataclass
+class LatentMeta:
+    family: str
+    config: dict[str, Any]
+    weights_sha256: str
+    scaling_factor: float
+    shift_factor: float
+    fps: float
+    geometry: VideoGeometry
+    dtype: str
+    sampled: bool = False
+    kind: str = "continuous"
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["format"] = LATENT_FORMAT
+        data["format_version"] = LATENT_VERSION
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, path: str) -> LatentMeta:
+        data = json.loads(text)
+        if data.pop("format", None) != LATENT_FORMAT:
+            raise LatentFileError(f"{path}: not a videovae latent file")
+        version = data.pop("format_version", 0)
+        if version > LATENT_VERSION:
+            raise LatentFileError(f"{path}: latent format version {version} is newer than this videovae")
+        data["geometry"] = VideoGeometry(**data["geometry"])
+        return cls(**data)
+
+
+def save_latents(path: str | os.PathLike, latent: torch.Tensor, meta: LatentMeta) -> None:
+    """Write atomically (temp file + rename)."""
+    if latent.ndim != 5 or latent.shape[0] != 1:
+        raise ValueError(f"expected a latent of shape (1, z, T, h, w), got {tuple(latent.shape)}")
+    tensor = latent.detach().to(getattr(torch, meta.dtype)).cpu().contiguous()
+    with atomic_path(path) as tmp:
+        save_file({"latent": tensor}, str(tmp), metadata={METADATA_KEY: meta.to_json()})
+
+
+def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, LatentMeta]:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise LatentFileError(f"{path}: no such latent file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+            if raw is None or "latent" not in f.keys():
+                raise LatentFileError(f"{path}: not a videovae latent file (no '{METADATA_KEY}' metadata or latent)")
+            latent = f.get_tensor("latent")
+    except (SafetensorError, OSError) as err:
+        raise LatentFileError(f"{path}: not a safetensors file ({err})") from None
+    meta = LatentMeta.from_json(raw, path)
+    return latent, meta
+
+
+def check_model_matches(meta: LatentMeta, model, digest: str, path: str) -> None:
+    """A clear error when the latents were made by another architecture or other weights."""
+    if meta.family != model.family or meta.config != model.config.to_dict():
+        diff = sorted(
+            k for k in set(meta.config) | set(model.config.to_dict())
+            if meta.config.get(k) != model.config.to_dict().get(k)
+        )
+        raise LatentFileError(
+            f"{path}: latents come from a different model ({meta.family}; differing config: {', '.join(diff) or '-'})"
+        )
+    if meta.weights_sha256 != digest:
+        raise LatentFileError(
+            f"{path}: latents were encoded with other weights "
+            f"(file {meta.weights_sha256[:12]}, model {digest[:12]}): decode with the same checkpoint"
+        )

@@ -1,0 +1,416 @@
+"""Building blocks shared by every videovae model family.
+
+Layout everywhere: NCTHW (batch, channels, time, height, width). Time is causal: output frame t
+depends on input frames <= t only (except the explicitly non-causal ``trilinear`` time upsampler,
+kept for parity with OD-VAE). The first frame is compressed alone, so a clip has 1 + k * t_down
+frames and an image is a 1-frame video.
+
+Causal state is explicit. Every module that looks back in time takes ``cache`` and returns it:
+
+* ``cache is None``: whole-clip mode. The clip starts at frame 0; nothing is remembered.
+* ``cache`` is a :class:`CausalCache`: streaming mode. Each causal module reads the frames it kept
+  from the previous chunk under its ``cache_key`` (missing key = this is the first chunk) and stores
+  the frames the next chunk will need. Chunked results equal whole-clip results exactly when every
+  module of the model is itself exact per frame (see ``CausalVAE.exactly_streamable``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from videovae.kernels import causal_pad3d, group_norm_silu, rms_norm_silu
+
+TimePad = Literal["replicate", "zeros"]
+NormKind = Literal["group_frame", "group_clip", "rms"]
+NORM_KINDS = ("group_frame", "group_clip", "rms")
+TIME_PADS = ("replicate", "zeros")
+
+
+@dataclass
+class CausalCache:
+    """Frames carried from one time chunk to the next, keyed by module path.
+
+    ``frames[key]`` holds, for a causal conv, the tail of its (time-padded) input that the next
+    chunk's first outputs still need; for an upsampler, a marker that the first chunk is done.
+    """
+
+    frames: dict[str, Tensor] = field(default_factory=dict)
+
+    def get(self, key: str) -> Tensor | None:
+        return self.frames.get(key)
+
+    def set(self, key: str, value: Tensor) -> None:
+        self.frames[key] = value
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.frames.values())
+
+
+def assign_cache_keys(root: nn.Module) -> None:
+    """Give every stateful causal module its path inside ``root`` as its cache key."""
+    for name, module in root.named_modules():
+        if isinstance(module, CausalModule):
+            module.cache_key = name
+
+
+class CausalModule(nn.Module):
+    """Marker base for modules that keep state across time chunks."""
+
+    cache_key: str = ""
+
+
+def frames_to_batch(x: Tensor) -> Tensor:
+    """(N, C, T, H, W) -> (N*T, C, H, W)."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def batch_to_frames(x: Tensor, n: int) -> Tensor:
+    """(N*T, C, H, W) -> (N, C, T, H, W)."""
+    return x.unflatten(0, (n, -1)).transpose(1, 2)
+
+
+def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
+    return (v, v, v) if isinstance(v, int) else tuple(v)
+
+
+class CausalConv3d(CausalModule):
+    """3D convolution that is causal in time.
+
+    Time padding: ``k_t - 1`` frames in front, either copies of the first frame (``replicate``,
+    OD-VAE/CV-VAE encoders) or zeros (``zeros``, Wan/OneVAE). Spatial padding is zeros: symmetric
+    ``k // 2`` by default, or explicit ``(left, right, top, bottom)`` (e.g. ``(0, 1, 0, 1)`` before
+    a stride-2 downsampler). The weight lives in ``self.conv`` so state-dict keys read
+    ``<name>.conv.weight`` as in the official checkpoints.
+
+    With stride ``s_t`` the output has ``(T - 1) // s_t + 1`` frames for ``k_t = 3``; in streaming mode
+    the cache keeps the padded-input frames from ``n_out * s_t`` on, so any chunking whose chunks
+    produce at least one output frame gives the whole-clip answer.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int, int] = 3,
+        stride: int | tuple[int, int, int] = 1,
+        *,
+        time_pad: TimePad = "replicate",
+        spatial_pad: tuple[int, int, int, int] | None = None,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if time_pad not in TIME_PADS:
+            raise ValueError(f"time_pad must be one of {TIME_PADS}, got {time_pad!r}")
+        kt, kh, kw = _triple(kernel_size)
+        self.time_pad = time_pad
+        self.kernel_t = kt
+        self.stride_t = _triple(stride)[0]
+        # (left, right, top, bottom) zero padding of H and W
+        self.spatial_pad = (kw // 2, kw // 2, kh // 2, kh // 2) if spatial_pad is None else tuple(spatial_pad)
+        self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride, padding=0, bias=bias)
+
+    def _pad(self, x: Tensor, tail: Tensor | None) -> Tensor:
+        """Time padding (cached tail, or first-frame copies / zeros at clip start) and spatial zeros."""
+        left, right, top, bottom = self.spatial_pad
+        pad_t = self.kernel_t - 1
+        if left == right and top == bottom and (tail is None or tail.shape[2] == pad_t):
+            # fused single write of the padded buffer (videovae.kernels.causal_pad3d)
+            return causal_pad3d(x, pad_t, top, left, cache=tail, time_mode=self.time_pad)
+        if tail is None and pad_t:
+            if self.time_pad == "replicate":
+                tail = x[:, :, :1].expand(-1, -1, pad_t, -1, -1)
+            else:
+                tail = x.new_zeros(x.shape[0], x.shape[1], pad_t, *x.shape[3:])
+        padded = x if tail is None or tail.shape[2] == 0 else torch.cat([tail.to(x.dtype), x], dim=2)
+        return F.pad(padded, (left, right, top, bottom, 0, 0))
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
+        tail = cache.get(self.cache_key) if cache is not None else None
+        padded = self._pad(x, tail)
+        if padded.shape[2] < self.kernel_t:
+            raise ValueError(
+                f"{self.cache_key or 'CausalConv3d'}: chunk of {x.shape[2]} frames is too short for "
+                f"kernel {self.kernel_t} / stride {self.stride_t}"
+            )
+        y = self.conv(padded)
+        if cache is not None and (self.kernel_t > 1 or self.stride_t > 1):
+            # keep the time-padded input frames from the first one the next output needs
+            left, right, top, bottom = self.spatial_pad
+            h, w = padded.shape[3:]
+            consumed = y.shape[2] * self.stride_t
+            cache.set(self.cache_key, padded[:, :, consumed:, top : h - bottom, left : w - right].detach().clone())
+        return y, cache
+
+
+class Conv2dPerFrame(nn.Conv2d):
+    """A 2D convolution applied to every frame of a 5-D (N, C, T, H, W) tensor."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        n = x.shape[0]
+        return batch_to_frames(super().forward(frames_to_batch(x)), n)
+
+
+class Norm(nn.Module):
+    """Normalisation with an optional fused SiLU.
+
+    ``group_frame``: GroupNorm with statistics per frame over (C/G, H, W): exactly streamable.
+    ``group_clip``: GroupNorm over (C/G, T, H, W), the official CV-VAE/OD-VAE behaviour: the
+    statistics see the whole chunk, so chunked inference differs from whole-clip inference.
+    ``rms``: channel RMSNorm per position (Wan form ``x / ||x||_C * sqrt(C) * weight + bias``):
+    pointwise in T, H, W, so streaming and halo tiling are both exact.
+    """
+
+    def __init__(self, kind: NormKind, channels: int, groups: int = 32, eps: float = 1e-6):
+        super().__init__()
+        if kind not in NORM_KINDS:
+            raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}")
+        if kind != "rms" and channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels are not divisible by {groups} groups")
+        self.kind = kind
+        self.groups = groups
+        self.eps = eps if kind != "rms" else min(eps, 1e-12)
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        if self.kind == "rms":
+            return rms_norm_silu(x, self.weight, self.bias, eps=self.eps, silu=silu)
+        return group_norm_silu(
+            x, self.weight, self.bias, self.groups, eps=self.eps, per_frame=self.kind == "group_frame", silu=silu
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.weight.numel()}, groups={self.groups}, eps={self.eps}"
+
+
+BlockKind = Literal["2d", "3d"]
+
+
+def make_conv(kind: BlockKind, cin: int, cout: int, kernel: int, time_pad: TimePad) -> nn.Module:
+    """A 'same'-padded conv: per-frame 2D (``2d``) or causal 3D (``3d``)."""
+    if kind == "2d":
+        return Conv2dPerFrame(cin, cout, kernel, padding=kernel // 2)
+    if kind == "3d":
+        return CausalConv3d(cin, cout, kernel, time_pad=time_pad)
+    raise ValueError(f"block kind must be '2d' or '3d', got {kind!r}")
+
+
+def apply_conv(conv: nn.Module, x: Tensor, cache: CausalCache | None) -> Tensor:
+    """Run a conv made by :func:`make_conv`, threading the cache through causal ones."""
+    if isinstance(conv, CausalConv3d):
+        return conv(x, cache)[0]
+    return conv(x)
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """Options every block of one model shares."""
+
+    norm: NormKind = "group_frame"
+    groups: int = 32
+    eps: float = 1e-6
+    time_pad: TimePad = "replicate"
+    # The norm of per-frame (2D) blocks; OD-VAE's 2D blocks normalise each frame on its own.
+    norm_2d: NormKind | None = None
+
+    def norm_for(self, kind: BlockKind) -> NormKind:
+        return self.norm_2d if (kind == "2d" and self.norm_2d is not None) else self.norm
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: norm -> SiLU -> conv -> norm -> SiLU -> conv, plus shortcut.
+
+    ``kind`` ``2d`` convolves each frame on its own; ``3d`` uses causal 3D convs. The shortcut is a
+    1x1 conv (``nin_shortcut``) when the channel count changes.
+    """
+
+    def __init__(self, cin: int, cout: int, kind: BlockKind, opts: LayerOptions):
+        super().__init__()
+        norm = opts.norm_for(kind)
+        self.norm1 = Norm(norm, cin, opts.groups, opts.eps)
+        self.conv1 = make_conv(kind, cin, cout, 3, opts.time_pad)
+        self.norm2 = Norm(norm, cout, opts.groups, opts.eps)
+        self.conv2 = make_conv(kind, cout, cout, 3, opts.time_pad)
+        self.nin_shortcut = make_conv(kind, cin, cout, 1, opts.time_pad) if cin != cout else None
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
+        h = apply_conv(self.conv1, self.norm1(x, silu=True), cache)
+        h = apply_conv(self.conv2, self.norm2(h, silu=True), cache)
+        skip = x if self.nin_shortcut is None else apply_conv(self.nin_shortcut, x, cache)
+        return skip + h, cache
+
+
+def attention_backend() -> str:
+    """``VIDEOVAE_ATTENTION``: ``sdpa`` (default) or ``xformers`` (optional dependency)."""
+    backend = os.environ.get("VIDEOVAE_ATTENTION", "sdpa")
+    if backend not in ("sdpa", "xformers"):
+        raise ValueError(f"VIDEOVAE_ATTENTION must be 'sdpa' or 'xformers', got {backend!r}")
+    return backend
+
+
+def single_head_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention over (B, L, C) tensors with scale 1/sqrt(C)."""
+    if attention_backend() == "xformers":
+        try:
+            import xformers.ops as xops
+        except ImportError as err:
+            raise ImportError("VIDEOVAE_ATTENTION=xformers needs `pip install videovae[xformers]`") from err
+        return xops.memory_efficient_attention(q, k, v)
+    return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+
+
+class SpatialAttention(nn.Module):
+    """Single-head self-attention over the H*W positions of each frame (exact per frame).
+
+    q, k, v and the output projection are 1x1x1 convs (``<name>.conv.weight`` as in OD-VAE).
+    """
+
+    def __init__(self, channels: int, opts: LayerOptions):
+        super().__init__()
+        self.norm = Norm(opts.norm, channels, opts.groups, opts.eps)
+        self.q = CausalConv3d(channels, channels, 1)
+        self.k = CausalConv3d(channels, channels, 1)
+        self.v = CausalConv3d(channels, channels, 1)
+        self.proj_out = CausalConv3d(channels, channels, 1)
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
+        n, _, _, h, w = x.shape
+        y = self.norm(x)
+        q, k, v = (rearrange(conv(y)[0], "n c t h w -> (n t) (h w) c") for conv in (self.q, self.k, self.v))
+        out = rearrange(single_head_attention(q, k, v), "(n t) (h w) c -> n c t h w", n=n, h=h, w=w)
+        return x + self.proj_out(out)[0], cache
+
+
+class MidBlock(nn.Module):
+    """ResBlock -> (spatial attention) -> ResBlock, named ``block_1``, ``attn_1``, ``block_2``."""
+
+    def __init__(self, channels: int, opts: LayerOptions, attention: bool):
+        super().__init__()
+        self.block_1 = ResBlock(channels, channels, "3d", opts)
+        self.attn_1 = SpatialAttention(channels, opts) if attention else None
+        self.block_2 = ResBlock(channels, channels, "3d", opts)
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
+        x, cache = self.block_1(x, cache)
+        if self.attn_1 is not None:
+            x, cache = self.attn_1(x, cache)
+        return self.block_2(x, cache)
+
+
+# --- downsamplers: (N, C, T, H, W) -> (N, C, T', H/2, W/2) ---------------------------------------
+
+
+class SpatialDownsample(nn.Module):
+    """Per-frame 3x3 stride-2 conv after zero padding (0, 1, 0, 1): H, W halve, T is kept."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = Conv2dPerFrame(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
+        return self.conv(F.pad(x, (0, 1, 0, 1))), cache
+
+
+class SpatioTemporalDownsample(nn.Module):
+    """Causal 3x3x3 conv with stride 2 in T, H and W: T = 1 + 2k -> 1 + k, H, W halve."""
+
+    def __init__(self, channels: int, time_pad: TimePad):
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels, 3, 2, time_pad=time_pad, spatial_pad=(0, 1, 0, 1))
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
+        return self.conv(x, cache)
+
+
+# --- upsamplers: (N, C, T, H, W) -> (N, C, T', 2H, 2W) -------------------------------------------
+
+TimeUpsample = Literal["nearest", "trilinear", "pixel_shuffle"]
+TIME_UPSAMPLES = ("nearest", "trilinear", "pixel_shuffle")
+
+
+class SpatialUpsample(nn.Module):
+    """Nearest 2x in H and W per frame, then a causal 3x3x3 conv. T is kept."""
+
+    def __init__(self, channels: int, time_pad: TimePad):
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels, 3, time_pad=time_pad)
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
+        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
+        return self.conv(x, cache)
+
+
+class _FirstChunkAware(CausalModule):
+    """Knows, through the cache, whether the chunk at hand starts the clip."""
+
+    def _starts_clip(self, x: Tensor, cache: CausalCache | None) -> bool:
+        if cache is None:
+            return True
+        if cache.get(self.cache_key) is not None:
+            return False
+        cache.set(self.cache_key, x.new_ones(()))
+        return True
+
+
+class SpatioTemporalUpsample(_FirstChunkAware):
+    """2x in T, H, W, the first frame of the clip upsampled in space only: T -> 1 + 2(T - 1).
+
+    ``nearest`` repeats each frame twice in time: causal and exactly streamable. ``trilinear``
+    interpolates frames 1.. with ``align_corners=False`` (OD-VAE): output frame 2j+1 looks one latent
+    frame ahead, so chunk edges differ from the whole clip. A causal 3x3x3 conv follows.
+    """
+
+    def __init__(self, channels: int, time_pad: TimePad, mode: Literal["nearest", "trilinear"]):
+        super().__init__()
+        self.mode = mode
+        self.conv = CausalConv3d(channels, channels, 3, time_pad=time_pad)
+
+    def _upsample(self, x: Tensor, first_only_space: bool) -> Tensor:
+        parts = []
+        if first_only_space:
+            head = x[:, :, :1]
+            mode = "trilinear" if self.mode == "trilinear" else "nearest"
+            parts.append(F.interpolate(head, scale_factor=(1, 2, 2), mode=mode, align_corners=None))
+            x = x[:, :, 1:]
+        if x.shape[2] > 0:
+            if self.mode == "trilinear":
+                parts.append(F.interpolate(x, scale_factor=(2, 2, 2), mode="trilinear", align_corners=False))
+            else:
+                parts.append(F.interpolate(x, scale_factor=(2, 2, 2), mode="nearest"))
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
+        x = self._upsample(x, self._starts_clip(x, cache))
+        return self.conv(x, cache)
+
+
+class PixelShuffleUpsample(_FirstChunkAware):
+    """Channel-to-space upsampler: causal conv to ``C * st * sh * sw`` channels, then move the
+    factors into T, H, W and drop the first ``st - 1`` frames of the clip: T -> 1 + st(T - 1)."""
+
+    def __init__(self, channels: int, factors: tuple[int, int, int], time_pad: TimePad):
+        super().__init__()
+        self.factors = factors
+        st, sh, sw = factors
+        self.conv = CausalConv3d(channels, channels * st * sh * sw, 3, time_pad=time_pad)
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
+        starts_clip = self._starts_clip(x, cache)
+        y, cache = self.conv(x, cache)
+        st, sh, sw = self.factors
+        y = rearrange(y, "n (c st sh sw) t h w -> n c (t st) (h sh) (w sw)", st=st, sh=sh, sw=sw)
+        if starts_clip and st > 1:
+            y = y[:, :, st - 1 :]
+        return y, cache
+
+
+def time_factor_of(temporal: list[bool]) -> int:
+    return int(math.prod(2 if t else 1 for t in temporal))

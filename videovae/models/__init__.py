@@ -1,0 +1,57 @@
+"""Model families and their presets.
+
+Each family is one self-contained module with a typed config dataclass and a model class. The
+registry below is an explicit table: a checkpoint names its family and stores its config, and
+loading looks both up here (no string-to-class reflection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from videovae.models.causal_vae import PRESETS as CAUSAL_VAE_PRESETS
+from videovae.models.causal_vae import CausalVAE, CausalVAEConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    config_class: type
+    model_class: type[nn.Module]
+
+
+FAMILIES: dict[str, Family] = {
+    "causal-vae": Family("causal-vae", CausalVAEConfig, CausalVAE),
+}
+
+# preset name -> (family name, config)
+PRESETS: dict[str, tuple[str, Any]] = {name: ("causal-vae", cfg) for name, cfg in CAUSAL_VAE_PRESETS.items()}
+
+
+def family_of(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
+
+
+def build_model(family: str, config: dict[str, Any] | Any) -> nn.Module:
+    """Build a model of ``family`` from its config (a dataclass or its ``to_dict()`` form)."""
+    fam = family_of(family)
+    if isinstance(config, dict):
+        config = fam.config_class.from_dict(config)
+    return fam.model_class(config)
+
+
+def from_preset(name: str) -> nn.Module:
+    try:
+        family, config = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; run `videovae models` for the list") from None
+    return build_model(family, config)
+
+
+__all__ = ["FAMILIES", "PRESETS", "CausalVAE", "CausalVAEConfig", "build_model", "family_of", "from_preset"]
