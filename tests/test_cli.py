@@ -1,0 +1,162 @@
+"""The installed ``videovae`` command, run in subprocesses on real mp4 files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from videovae.io import probe, read_image, read_video
+from videovae.synthetic import write_synthetic_video
+
+VIDEOVAE = shutil.which("videovae", path=str(Path(sys.executable).parent)) or shutil.which("videovae")
+
+
+def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    assert VIDEOVAE, "the videovae command is not installed"
+    done = subprocess.run([VIDEOVAE, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if ok:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def fails(*args: str, match: str) -> str:
+    done = run(*args, ok=False)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("videovae: error:"), done.stderr
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    write_synthetic_video(root / "clip.mp4", 14, 40, 56, seed=3, fps=25)
+    run("init", "--model", "tiny", "-o", str(root / "w.safetensors"), "--seed", "1")
+    run("init", "--model", "tiny-rms", "-o", str(root / "other.safetensors"))
+    return root
+
+
+def test_models_and_info(work):
+    out = run("models").stdout
+    assert "tiny" in out and "4x8x8" in out and "base" in out
+    assert "checkpoint" in run("info", str(work / "w.safetensors")).stdout
+    info = run("info", str(work / "clip.mp4")).stdout
+    assert "56x40" in info and "14 frames" in info and "25 fps" in info
+
+
+def test_encode_decode_mp4_mkv_png(work):
+    lat = work / "clip.safetensors"
+    run("encode", str(work / "clip.mp4"), "-o", str(lat), "--weights", str(work / "w.safetensors"),
+        "--chunk-frames", "8", "--quiet")
+    info = run("info", str(lat)).stdout
+    assert "14 frames 56x40" in info and "(1, 4, 5, 5, 7)" in info
+    for out in ("dec.mp4", "dec.mkv", "frames/"):
+        target = work / out
+        run("decode", str(lat), "-o", str(target), "--weights", str(work / "w.safetensors"), "--tile", "32",
+            "--quiet")
+        if out.endswith("/"):
+            pngs = sorted(target.iterdir())
+            assert len(pngs) == 14 and read_image(pngs[0]).shape == (1, 40, 56, 3)
+        else:
+            frames, fps = read_video(target)
+            assert frames.shape == (14, 40, 56, 3) and fps == pytest.approx(25)
+
+
+def test_sampled_encode_is_seeded(work):
+    outs = []
+    for name in ("s1.safetensors", "s2.safetensors"):
+        run("encode", str(work / "clip.mp4"), "-o", str(work / name), "--weights", str(work / "w.safetensors"),
+            "--sample", "--seed", "7", "--quiet")
+        outs.append((work / name).read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_roundtrip_metrics_and_preview(work):
+    m = work / "m.json"
+    p = work / "p.png"
+    lat = work / "rt.safetensors"
+    out = run("roundtrip", str(work / "clip.mp4"), "-o", str(work / "rt.mp4"), "--weights",
+              str(work / "w.safetensors"), "--metrics", str(m), "--preview", str(p), "--latents", str(lat),
+              "--max-memory", "1G", "--quiet").stdout
+    assert "PSNR" in out
+    metrics = json.loads(m.read_text())
+    assert metrics["frames"] == 14 and len(metrics["psnr_per_frame"]) == 14
+    assert {"psnr", "ssim", "flicker"} <= set(metrics)
+    preview = read_image(p)
+    assert preview.shape[2] == 3 * 56 and preview.shape[1] % 40 == 0
+    assert probe(work / "rt.mp4").num_frames == 14 and lat.exists()
+
+
+def test_max_frames(work):
+    run("encode", str(work / "clip.mp4"), "-o", str(work / "mf.safetensors"), "--weights",
+        str(work / "w.safetensors"), "--max-frames", "5", "--quiet")
+    assert "5 frames" in run("info", str(work / "mf.safetensors")).stdout
+
+
+def test_bench(work):
+    out = run("bench", "--model", "tiny", "--frames", "5,9", "--size", "32", "--json", str(work / "b.json")).stdout
+    assert "decode peak" in out
+    rows = json.loads((work / "b.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["fps"] > 0 and r["peak_bytes"] > 0 for r in rows)
+
+
+def test_bad_inputs(work):
+    w = str(work / "w.safetensors")
+    fails("encode", str(work / "missing.mp4"), "-o", str(work / "x.safetensors"), "--weights", w, match="missing.mp4")
+    (work / "notes.mp4").write_text("this is not a video")
+    fails("encode", str(work / "notes.mp4"), "-o", str(work / "x.safetensors"), "--weights", w, match="notes.mp4")
+    (work / "empty.mp4").write_bytes(b"")
+    fails("encode", str(work / "empty.mp4"), "-o", str(work / "x.safetensors"), "--weights", w, match="empty.mp4")
+    data = (work / "clip.mp4").read_bytes()
+    (work / "cut.mp4").write_bytes(data[: len(data) // 3])
+    done = run("encode", str(work / "cut.mp4"), "-o", str(work / "cut.safetensors"), "--weights", w, "--quiet",
+               ok=False)
+    assert done.returncode == 0 or "cut.mp4" in done.stderr
+    # a latent file from another model, and a weights file that is not ours
+    fails("decode", str(work / "clip.safetensors"), "-o", str(work / "x.mp4"), "--weights",
+          str(work / "other.safetensors"), match="different model")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(work / "foreign.safetensors"))
+    fails("encode", str(work / "clip.mp4"), "-o", str(work / "x.safetensors"), "--weights",
+          str(work / "foreign.safetensors"), match="not a videovae checkpoint")
+    fails("encode", str(work / "clip.mp4"), "-o", str(work / "x.safetensors"), "--weights", w, "--max-memory", "1M",
+          match="memory budget")
+    fails("decode", str(work / "clip.mp4"), "-o", str(work / "x.mp4"), "--weights", w, match="clip.mp4")
+    fails("init", "--model", "nope", "-o", str(work / "x.safetensors"), match="unknown model preset")
+    fails("encode", str(work / "clip.mp4"), "-o", str(work / "no" / "x.safetensors"), "--weights", w,
+          match="does not exist")
+    leftovers = [p.name for p in work.iterdir() if p.name.startswith((".", "x.")) or ".tmp" in p.name]
+    assert leftovers == []
+
+
+def test_odd_sized_video_roundtrip(work):
+    write_synthetic_video(work / "odd.mkv", 6, 27, 35, seed=2)
+    run("roundtrip", str(work / "odd.mkv"), "-o", str(work / "odd_out.mkv"), "--weights",
+        str(work / "w.safetensors"), "--quiet")
+    frames, _ = read_video(work / "odd_out.mkv")
+    assert frames.shape == (6, 27, 35, 3)
+
+
+def test_one_frame_video_is_an_image(work):
+    write_synthetic_video(work / "one.mp4", 1, 32, 32, seed=2)
+    run("roundtrip", str(work / "one.mp4"), "-o", str(work / "one_out.mkv"), "--weights",
+        str(work / "w.safetensors"), "--quiet")
+    assert read_video(work / "one_out.mkv")[0].shape == (1, 32, 32, 3)
+
+
+def test_shared_sample_clip(work, shared_data):
+    run("roundtrip", str(shared_data / "world.mp4"), "-o", str(work / "world.mp4"), "--weights",
+        str(work / "w.safetensors"), "--max-frames", "9", "--metrics", str(work / "world.json"), "--quiet")
+    metrics = json.loads((work / "world.json").read_text())
+    assert metrics["frames"] == 9
+    assert probe(work / "world.mp4").width == 480

@@ -1,0 +1,193 @@
+"""The streaming / tiled engine: exactness, tiling, padding and cropping, bounded memory, budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from videovae.engine import (
+    EngineOptions,
+    MemoryBudgetError,
+    VideoGeometry,
+    decode_chunks,
+    decode_frames,
+    decode_tensor,
+    encode_frames,
+    encode_tensor,
+    parse_size,
+    plan_for_budget,
+    tile_spans,
+)
+from videovae.io import to_model_range
+from videovae.layers import CausalCache
+from videovae.metrics import psnr
+from videovae.models import from_preset
+from videovae.synthetic import synthetic_frames, synthetic_video
+
+
+def _model(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = from_preset(name).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # move norms and biases off their identity init
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _model("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_rms():
+    return _model("tiny-rms")
+
+
+@pytest.mark.parametrize("frames", [1, 5, 17, 33, 65])
+def test_chunked_encode_and_decode_equal_whole_clip(tiny, frames):
+    x = to_model_range(synthetic_video(frames, 24, 32, seed=frames))
+    with torch.no_grad():
+        whole = tiny.encode(x).mean
+        decoded = tiny.decode(whole)
+    for chunk in (4, 8, 16, 32, 64):
+        if chunk > frames + 3:
+            break
+        torch.testing.assert_close(encode_tensor(tiny, x, chunk_frames=chunk), whole, atol=1e-5, rtol=0)
+        torch.testing.assert_close(decode_tensor(tiny, whole, chunk_frames=chunk), decoded, atol=1e-5, rtol=0)
+
+
+def test_halo_tiling_is_exact_without_per_tile_statistics(tiny_rms):
+    x = to_model_range(synthetic_video(5, 96, 136, seed=2))
+    with torch.no_grad():
+        whole = tiny_rms.encode(x).mean
+        decoded = tiny_rms.decode(whole)
+    for tile in (32, 48):
+        tiled_latent = encode_tensor(tiny_rms, x, chunk_frames=4, tile=tile)
+        torch.testing.assert_close(tiled_latent, whole, atol=1e-5, rtol=0)
+        tiled = decode_tensor(tiny_rms, whole, chunk_frames=4, tile=tile)
+        torch.testing.assert_close(tiled, decoded, atol=1e-5, rtol=0)
+
+
+def test_too_small_halo_is_not_exact(tiny_rms):
+    """The exactness above comes from the halo: with none, tiles see zero padding at their edges."""
+    x = to_model_range(synthetic_video(1, 64, 64, seed=2))
+    with torch.no_grad():
+        z = tiny_rms.encode(x).mean
+        decoded = tiny_rms.decode(z)
+    tiled = decode_tensor(tiny_rms, z, chunk_frames=0, tile=32, halo=1, ramp=1)
+    assert (tiled - decoded).abs().max() > 1e-3
+
+
+def test_group_norm_tiling_blends_without_seams(tiny):
+    """GroupNorm models see per-tile statistics, so tiled decoding is approximate; the blend band
+    must leave no seam: the error at tile boundaries is no worse than inside the tiles."""
+    x = to_model_range(synthetic_video(5, 128, 128, seed=4))
+    with torch.no_grad():
+        z = tiny.encode(x).mean
+        decoded = tiny.decode(z)
+    tiled = decode_tensor(tiny, z, chunk_frames=4, tile=64)
+    err = (tiled - decoded).abs().mean(dim=(0, 1, 2))  # (H, W)
+    band = err[:, 56:72].mean()
+    assert band < 2 * err.mean()
+
+
+def test_spans_cover_and_blend_weights_sum_to_one():
+    spans = tile_spans(37, 10, 5, 2)
+    assert spans[0].keep0 == 0 and spans[-1].keep1 == 37
+    for a, b in zip(spans, spans[1:], strict=False):
+        assert a.keep1 - b.keep0 == 4 and a.ramp_after == b.ramp_before == 4
+        assert b.ext0 <= b.keep0 and a.ext1 >= a.keep1
+    canvas = torch.zeros(1, 1, 1, 37, 1)
+    weights = torch.zeros(37, 1)
+    from videovae.kernels import blend_tile_, normalize_canvas
+
+    for s in spans:
+        tile = torch.ones(1, 1, 1, s.keep1 - s.keep0, 1)
+        blend_tile_(canvas, weights, tile, s.keep0, 0, s.ramp_before, s.ramp_after, 0, 0)
+    torch.testing.assert_close(canvas[0, 0, 0], weights)
+    torch.testing.assert_close(normalize_canvas(canvas, weights), torch.ones_like(canvas))
+
+
+@pytest.mark.parametrize("frames,height,width", [(7, 30, 46), (1, 17, 9), (18, 24, 32)])
+def test_odd_sizes_are_padded_and_cropped_back(tiny, frames, height, width):
+    video = synthetic_video(frames, height, width, seed=1)
+    result = encode_frames(tiny, iter(video.split(4)), EngineOptions(chunk_frames=8))
+    g = result.geometry
+    assert (g.frames, g.height, g.width) == (frames, height, width)
+    assert (g.padded_frames - 1) % 4 == 0 and g.padded_height % 8 == 0 and g.padded_width % 8 == 0
+    assert result.mean.shape[2] == 1 + (g.padded_frames - 1) // 4
+    decoded = torch.cat(list(decode_frames(tiny, result.mean, g, EngineOptions(chunk_frames=8))))
+    assert decoded.shape == (frames, height, width, 3) and decoded.dtype == torch.uint8
+    # the streamed encode equals the whole-clip encode of the replicate-padded clip
+    padded = torch.nn.functional.pad(to_model_range(video)[0], (0, -width % 8, 0, -height % 8), mode="replicate")
+    padded = torch.cat([padded, padded[:, -1:].expand(-1, g.padded_frames - frames, -1, -1)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(result.mean, tiny.encode(padded[None]).mean, atol=2e-5, rtol=0)
+
+
+def test_encode_streams_frames_and_rejects_bad_input(tiny):
+    with pytest.raises(ValueError, match="no frames"):
+        encode_frames(tiny, iter([]))
+    with pytest.raises(ValueError, match="uint8"):
+        encode_frames(tiny, iter([torch.zeros(2, 16, 16, 3)]))
+    with pytest.raises(ValueError, match="size changed"):
+        encode_frames(tiny, iter([torch.zeros(2, 16, 16, 3, dtype=torch.uint8),
+                                  torch.zeros(2, 16, 24, 3, dtype=torch.uint8)]))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        encode_frames(tiny, synthetic_frames(5, 16, 16), EngineOptions(chunk_frames=6))
+
+
+def test_decode_is_lazy_and_its_state_does_not_grow(tiny):
+    """Memory does not grow with clip length: each chunk is produced before later latents are read
+    (later latents are NaN here), and the carried caches have a fixed size."""
+    z = torch.randn(1, 4, 12, 4, 4)
+    z[:, :, 3:] = float("nan")
+    first = next(decode_chunks(tiny, z, EngineOptions(chunk_frames=8)))
+    assert first.shape[2] == 9 and torch.isfinite(first).all()
+    sizes = []
+    cache = CausalCache()
+    with torch.no_grad():
+        for t in range(6):
+            _, cache = tiny.decode_chunk(torch.randn(1, 4, 1 if t == 0 else 2, 4, 4), cache)
+            sizes.append(cache.nbytes())
+    assert sizes[1:] == [sizes[1]] * 5
+
+
+def test_engine_option_errors(tiny):
+    z = torch.randn(1, 4, 2, 4, 4)
+    with pytest.raises(ValueError, match="multiple of 8 pixels"):
+        decode_tensor(tiny, z, tile=30)
+    with pytest.raises(ValueError, match="chunk_frames"):
+        decode_tensor(tiny, z, chunk_frames=3)
+    with pytest.raises(ValueError, match="latents"):
+        decode_tensor(tiny, torch.randn(1, 3, 2, 4, 4))
+
+
+def test_memory_budget_planning(tiny):
+    assert parse_size("1.5G") == int(1.5 * 2**30) and parse_size("800M") == 800 * 2**20
+    with pytest.raises(ValueError, match="memory size"):
+        parse_size("lots")
+    big = plan_for_budget(tiny, 1080, 1920, 16 * 2**30, torch.float32)
+    small = plan_for_budget(tiny, 1080, 1920, 600 * 2**20, torch.float32)
+    assert big[1] == 0 or big[1] > small[1]
+    assert small[1] > 0  # 1080p does not fit 600 MiB untiled
+    with pytest.raises(MemoryBudgetError, match="does not fit a memory budget"):
+        plan_for_budget(tiny, 1080, 1920, 2**20, torch.float32)
+
+
+def test_decode_frames_crops_padding(tiny):
+    z = torch.randn(1, 4, 3, 4, 4)
+    g = VideoGeometry(frames=7, height=30, width=27, padded_frames=9, padded_height=32, padded_width=32)
+    frames = torch.cat(list(decode_frames(tiny, z, g, EngineOptions(chunk_frames=4))))
+    assert frames.shape == (7, 30, 27, 3)
+
+
+def test_tiled_decode_of_natural_content_is_close(tiny_rms):
+    x = to_model_range(synthetic_video(5, 96, 96, seed=5))
+    with torch.no_grad():
+        z = tiny_rms.encode(x).mean
+        decoded = tiny_rms.decode(z)
+    tiled = decode_tensor(tiny_rms, z, tile=48)
+    assert psnr(decoded.clamp(-1, 1), tiled.clamp(-1, 1)).min() > 40

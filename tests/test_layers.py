@@ -1,0 +1,166 @@
+"""Building blocks: causality, streaming caches, padding modes, norms, resamplers, attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from videovae.layers import (
+    CausalCache,
+    CausalConv3d,
+    Conv2dPerFrame,
+    LayerOptions,
+    Norm,
+    PixelShuffleUpsample,
+    ResBlock,
+    SpatialAttention,
+    SpatialDownsample,
+    SpatioTemporalDownsample,
+    SpatioTemporalUpsample,
+    assign_cache_keys,
+)
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return module.eval()
+
+
+def _chunked(module, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    assign_cache_keys(module)
+    cache = CausalCache()
+    outs, start = [], 0
+    for size in sizes:
+        y, cache = module(x[:, :, start : start + size], cache)
+        outs.append(y)
+        start += size
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize("time_pad", ["replicate", "zeros"])
+def test_causal_conv_is_causal_and_pads_as_documented(time_pad):
+    conv = _randomise(CausalConv3d(3, 4, 3, time_pad=time_pad))
+    x = torch.randn(1, 3, 6, 8, 8)
+    y, _ = conv(x)
+    x2 = x.clone()
+    x2[:, :, 4:] = torch.randn_like(x2[:, :, 4:])
+    y2, _ = conv(x2)
+    assert y.shape == (1, 4, 6, 8, 8)
+    torch.testing.assert_close(y[:, :, :4], y2[:, :, :4])
+    assert not torch.allclose(y[:, :, 4:], y2[:, :, 4:])
+    front = x[:, :, :1].expand(-1, -1, 2, -1, -1) if time_pad == "replicate" else torch.zeros(1, 3, 2, 8, 8)
+    expected = F.conv3d(torch.cat([front, x], 2), conv.conv.weight, conv.conv.bias, padding=(0, 1, 1))
+    torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("stride,spatial_pad", [(1, None), (2, (0, 1, 0, 1))])
+@pytest.mark.parametrize("sizes", [[1, 4, 4], [1, 2, 2, 2, 2], [5, 4], [9]])
+def test_causal_conv_streaming_equals_whole_clip(stride, spatial_pad, sizes):
+    conv = _randomise(CausalConv3d(2, 3, 3, stride, spatial_pad=spatial_pad))
+    x = torch.randn(1, 2, sum(sizes), 10, 10)
+    whole, _ = conv(x)
+    assert whole.shape[2] == (x.shape[2] - 1) // stride + 1
+    torch.testing.assert_close(_chunked(conv, x, sizes), whole, atol=1e-6, rtol=0)
+
+
+def test_causal_conv_chunk_too_short_is_an_error():
+    conv = CausalConv3d(2, 2, 3, 2, spatial_pad=(0, 1, 0, 1))
+    assign_cache_keys(conv)
+    cache = CausalCache()
+    conv(torch.randn(1, 2, 1, 4, 4), cache)
+    with pytest.raises(ValueError, match="too short"):
+        conv(torch.randn(1, 2, 1, 4, 4), cache)
+
+
+def test_conv2d_per_frame_matches_frame_loop():
+    conv = _randomise(Conv2dPerFrame(3, 5, 3, padding=1))
+    x = torch.randn(2, 3, 4, 7, 9)
+    y = conv(x)
+    for t in range(4):
+        torch.testing.assert_close(y[:, :, t], F.conv2d(x[:, :, t], conv.weight, conv.bias, padding=1))
+
+
+def test_norm_kinds():
+    x = torch.randn(2, 8, 5, 6, 7)
+    frame = _randomise(Norm("group_frame", 8, groups=4))
+    clip = Norm("group_clip", 8, groups=4)
+    clip.load_state_dict(frame.state_dict())
+    rms = _randomise(Norm("rms", 8))
+    y = frame(x, silu=True)
+    expected = torch.stack([F.group_norm(x[:, :, t], 4, frame.weight, frame.bias, 1e-6) for t in range(5)], 2)
+    torch.testing.assert_close(y, F.silu(expected), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(clip(x), F.group_norm(x, 4, clip.weight, clip.bias, 1e-6), atol=1e-5, rtol=1e-5)
+    shape = (1, 8, 1, 1, 1)
+    expected = x / x.norm(dim=1, keepdim=True) * 8**0.5 * rms.weight.view(shape) + rms.bias.view(shape)
+    torch.testing.assert_close(rms(x), expected, atol=1e-5, rtol=1e-5)
+    # per-frame statistics make the first frames independent of later ones; clip statistics do not
+    torch.testing.assert_close(frame(x[:, :, :2]), frame(x)[:, :, :2])
+    assert not torch.allclose(clip(x[:, :, :2]), clip(x)[:, :, :2], atol=1e-3)
+
+
+def test_norm_rejects_bad_groups():
+    with pytest.raises(ValueError, match="not divisible"):
+        Norm("group_frame", 10, groups=4)
+
+
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+def test_resblock_streaming(kind):
+    block = _randomise(ResBlock(4, 8, kind, LayerOptions(norm="group_frame", groups=4)))
+    x = torch.randn(1, 4, 7, 8, 8)
+    whole, _ = block(x)
+    assert whole.shape == (1, 8, 7, 8, 8)
+    torch.testing.assert_close(_chunked(block, x, [1, 2, 4]), whole, atol=1e-5, rtol=0)
+
+
+def test_downsamplers_shapes_and_streaming():
+    x = torch.randn(1, 4, 9, 16, 12)
+    spatial = _randomise(SpatialDownsample(4))
+    assert spatial(x)[0].shape == (1, 4, 9, 8, 6)
+    st = _randomise(SpatioTemporalDownsample(4, "replicate"))
+    whole, _ = st(x)
+    assert whole.shape == (1, 4, 5, 8, 6)
+    torch.testing.assert_close(_chunked(st, x, [1, 4, 4]), whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_chunked(st, x, [1, 2, 2, 2, 2]), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "trilinear"])
+def test_spatiotemporal_upsample(mode):
+    up = _randomise(SpatioTemporalUpsample(4, "replicate", mode))
+    x = torch.randn(1, 4, 3, 5, 6)
+    whole, _ = up(x)
+    assert whole.shape == (1, 4, 5, 10, 12)
+    chunked = _chunked(up, x, [1, 1, 1])
+    if mode == "nearest":
+        torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+    else:  # the trilinear time interpolation looks one latent ahead: chunk edges differ
+        assert not torch.allclose(chunked, whole, atol=1e-4)
+
+
+def test_pixel_shuffle_upsample_moves_channels_into_space_and_time():
+    up = _randomise(PixelShuffleUpsample(3, (2, 2, 2), "zeros"))
+    x = torch.randn(1, 3, 4, 5, 6)
+    whole, _ = up(x)
+    assert whole.shape == (1, 3, 7, 10, 12)
+    conv_out, _ = up.conv(x)
+    # channel (c, st, sh, sw) lands at time 2t+st-1 (first frame dropped), row 2h+sh, column 2w+sw
+    c, st, sh, sw = 1, 1, 0, 1
+    channel = ((c * 2 + st) * 2 + sh) * 2 + sw
+    torch.testing.assert_close(whole[:, c, 2 * 2 + st - 1, 2 * 3 + sh, 2 * 4 + sw], conv_out[:, channel, 2, 3, 4])
+    torch.testing.assert_close(_chunked(up, x, [1, 2, 1]), whole, atol=1e-6, rtol=0)
+
+
+def test_spatial_attention_matches_explicit_softmax():
+    attn = _randomise(SpatialAttention(8, LayerOptions(norm="group_frame", groups=4)))
+    x = torch.randn(1, 8, 2, 3, 4)
+    y, _ = attn(x)
+    h = attn.norm(x)
+    q, k, v = (m(h)[0].flatten(3).permute(0, 2, 3, 1) for m in (attn.q, attn.k, attn.v))  # (n, t, hw, c)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)
+    out = (weights @ v).permute(0, 3, 1, 2).reshape(1, 8, 2, 3, 4)
+    torch.testing.assert_close(y, x + attn.proj_out(out)[0], atol=1e-5, rtol=1e-5)
+    # per frame: frame 0 does not see frame 1
+    torch.testing.assert_close(attn(x[:, :, :1])[0], y[:, :, :1], atol=1e-6, rtol=0)
