@@ -19,6 +19,7 @@ from videovae import __version__
 from videovae.checkpoint import CheckpointError, load_checkpoint, model_digest, read_metadata, save_checkpoint
 from videovae.engine import (
     DEFAULT_CHUNK_FRAMES,
+    TILINGS,
     EngineOptions,
     MemoryBudgetError,
     decode_frames,
@@ -54,6 +55,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
     g.add_argument("--max-memory", default=None, help="memory budget, e.g. 2G: picks chunk length and tile size")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype")
+    g.add_argument("--tiling", default="halo", choices=TILINGS,
+                   help="halo: cache-carrying chunks and halo tiles (default); official: the model's own windowed "
+                        "tiling (OD-VAE: windows of 1 + chunk-frames frames, tiles of --tile px, whole clip in memory)")
     if frames:
         g.add_argument("--max-frames", type=int, default=None, help="read at most this many frames")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -73,6 +77,7 @@ def _engine_options(args, model, height: int, width: int) -> EngineOptions:
         device=args.device,
         dtype=dtype,
         progress=not args.quiet,
+        tiling=getattr(args, "tiling", "halo"),
     )
 
 
@@ -123,7 +128,7 @@ def _encode_file(args, model, path: str, sample: bool, seed: int | None):
         dtype="float32",
         sampled=sample,
         source=os.path.basename(path),
-        extra={"chunk_frames": opts.chunk_frames, "tile": opts.tile},
+        extra={"chunk_frames": opts.chunk_frames, "tile": opts.tile, "tiling": opts.tiling},
     )
     return latent, meta
 
@@ -146,13 +151,48 @@ def _decode_to_writer(args, model, latent: torch.Tensor, meta: LatentMeta, out: 
 
 
 def cmd_init(args) -> None:
+    from videovae.models.odvae import inflate_image_vae, load_image_vae, widen_latent
+
     torch.manual_seed(args.seed)
-    model = from_preset(args.model)
+    if (args.model is None) == (args.from_checkpoint is None):
+        raise CLIError("init needs exactly one of --model PRESET and --from-checkpoint W.safetensors")
+    if args.from_image_vae and args.model is None:
+        raise CLIError("--from-image-vae needs --model (the 3D preset to inflate into)")
+    if args.from_checkpoint and args.widen_latent is None:
+        raise CLIError("--from-checkpoint is only used with --widen-latent N")
     _check_output_parent(args.output)
-    digest = save_checkpoint(args.output, model, dtype=DTYPES[args.dtype] if args.dtype else None,
-                             extra={"preset": args.model, "seed": args.seed})
+    extra = {"preset": args.model, "seed": args.seed}
+    if args.from_checkpoint:
+        model = load_checkpoint(args.from_checkpoint)
+        extra = {"widened_from": os.path.basename(args.from_checkpoint), "seed": args.seed}
+    elif args.from_image_vae:
+        family, config = PRESETS[args.model] if args.model in PRESETS else (None, None)
+        if family != "od-vae":
+            raise CLIError(f"--from-image-vae inflates into an od-vae preset, not {args.model!r}")
+        model = inflate_image_vae(load_image_vae(args.from_image_vae), config, init=args.init)
+        extra.update(image_vae=os.path.basename(args.from_image_vae.rstrip("/")), init=args.init)
+    else:
+        model = from_preset(args.model)
+    if args.widen_latent is not None:
+        model = widen_latent(model, args.widen_latent, seed=args.seed)
+        extra["widen_latent"] = args.widen_latent
+    digest = save_checkpoint(args.output, model, dtype=DTYPES[args.dtype] if args.dtype else None, extra=extra)
     params = model.num_parameters()
-    print(f"wrote {args.output}: {args.model}, {params['total']:,} parameters, sha256 {digest[:12]}")
+    name = args.model or model.family
+    print(f"wrote {args.output}: {name}, z={model.latent_channels}, {params['total']:,} parameters, "
+          f"sha256 {digest[:12]}")
+
+
+def cmd_convert(args) -> None:
+    from videovae.models.odvae import convert_official
+
+    _check_output_parent(args.output)
+    model = convert_official(args.src, prefer_ema=not args.no_ema)
+    extra = {"converted_from": args.from_format, "source": os.path.basename(args.src.rstrip("/"))}
+    digest = save_checkpoint(args.output, model, dtype=DTYPES[args.dtype] if args.dtype else None, extra=extra)
+    params = model.num_parameters()
+    print(f"wrote {args.output}: {args.from_format} -> {model.family}, {params['total']:,} parameters, "
+          f"sha256 {digest[:12]}")
 
 
 def cmd_encode(args) -> None:
@@ -286,7 +326,8 @@ def cmd_info(args) -> None:
 def cmd_models(args) -> None:
     print(f"{'preset':<16} {'family':<12} {'compression':<12} {'z':>3} {'encoder':>12} {'decoder':>12}  notes")
     for name, (family, cfg) in PRESETS.items():
-        model = from_preset(name)
+        with torch.device("meta"):  # shapes only: counting parameters needs no memory
+            model = from_preset(name)
         params = model.num_parameters()
         notes = []
         notes.append("exact streaming" if cfg.exactly_streamable else "approximate streaming")
@@ -303,6 +344,14 @@ def cmd_bench(args) -> None:
     run_bench(args)
 
 
+def cmd_train(args) -> None:
+    from videovae.train.vae import run
+
+    summary = run(args)
+    print(f"trained to step {summary['step']} ({summary['samples_per_s']:.2f} samples/s); "
+          f"exported {summary['export']}; resume checkpoint {summary['checkpoint']}")
+
+
 # --- parser ---------------------------------------------------------------------------------------------
 
 
@@ -312,11 +361,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="write a freshly initialised checkpoint")
-    p.add_argument("--model", required=True, help="preset name (see `videovae models`)")
+    p.add_argument("--model", default=None, help="preset name (see `videovae models`)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="store weights in this dtype")
+    p.add_argument("--from-image-vae", default=None, metavar="PATH",
+                   help="inflate a 2D SD-style AutoencoderKL (diffusers .safetensors) into the --model preset")
+    p.add_argument("--init", default="tail", choices=("tail", "center"),
+                   help="temporal slot of the inflated 2D kernels (default tail: the current frame)")
+    p.add_argument("--from-checkpoint", default=None, metavar="W.safetensors",
+                   help="start from this trained checkpoint (with --widen-latent)")
+    p.add_argument("--widen-latent", type=int, default=None, metavar="N",
+                   help="widen the latent to N channels: old weights copied, new ones drawn with matching mean/std")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("convert", help="official weights -> videovae checkpoint")
+    p.add_argument("src", help="official folder (config.json + weights) or weights file (.safetensors/.bin/.pt/.ckpt)")
+    p.add_argument("--from", dest="from_format", required=True, choices=("od-vae-official",), help="source format")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--no-ema", action="store_true", help="training checkpoints: use state_dict, not ema_state_dict")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="store weights in this dtype")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("encode", help="video -> latent file")
     p.add_argument("input")
@@ -362,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results as JSON")
     _add_engine_flags(p, frames=False)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train", help="train a VAE (single process; multi-GPU: deepspeed -m videovae.train.vae)")
+    from videovae.train.vae import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

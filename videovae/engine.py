@@ -53,6 +53,10 @@ class EngineOptions:
         at least 1).
     halo: extra context in latent pixels around each tile core (None: the receptive field of the
         tiled part plus the ramp).
+    tiling: ``halo`` (the engine above) or ``official``: the model's own windowed tiling (OD-VAE:
+        temporal windows of ``1 + chunk_frames`` frames sharing one frame, no cache across them,
+        spatial tiles of ``tile`` pixels cross-faded as the official code does; the whole clip is
+        held in memory). Only models with ``official_encode`` / ``official_decode`` support it.
     """
 
     chunk_frames: int = DEFAULT_CHUNK_FRAMES
@@ -62,6 +66,10 @@ class EngineOptions:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     progress: bool = False
+    tiling: str = "halo"
+
+
+TILINGS = ("halo", "official")
 
 
 @dataclass
@@ -86,6 +94,10 @@ def padded_length(frames: int, time_factor: int) -> int:
 
 def check_options(model, opts: EngineOptions) -> None:
     tf, sf = model.time_factor, model.space_factor
+    if opts.tiling not in TILINGS:
+        raise ValueError(f"tiling must be one of {TILINGS}, got {opts.tiling!r}")
+    if opts.tiling == "official" and not hasattr(model, "official_encode"):
+        raise ValueError(f"{model.family} models have no official tiling (use tiling='halo')")
     if opts.chunk_frames < 0 or opts.chunk_frames % tf:
         raise ValueError(f"chunk_frames={opts.chunk_frames} must be 0 or a positive multiple of {tf}")
     if opts.tile < 0 or opts.tile % sf:
@@ -309,8 +321,14 @@ def encode_chunks(model, chunks: Iterable[Tensor], opts: EngineOptions | None = 
     recorded. Only one chunk is held at a time; the latent is returned whole (float32, CPU)."""
     opts = opts or EngineOptions()
     check_options(model, opts)
-    source = _ChunkSource(chunks, opts.chunk_frames, model.time_factor, model.space_factor)
+    official = opts.tiling == "official"
+    source = _ChunkSource(chunks, 0 if official else opts.chunk_frames, model.time_factor, model.space_factor)
     sf = model.space_factor
+    if official:
+        (x,) = list(source)  # chunk_frames=0: the whole padded clip in one piece
+        tiling = model.official_tiling_for(opts.chunk_frames, opts.tile)
+        posterior = model.posterior(model.official_encode(x.to(opts.device, opts.dtype), tiling).float().cpu())
+        return EncodeResult(posterior.mean, posterior.logvar, source.geometry)
     moments: list[Tensor] = []
     plan = tile_caches = head_cache = None
     progress = _progress(opts, "encode", unit="chunk")
@@ -333,10 +351,10 @@ def encode_frames(model, frames: Iterable[Tensor], opts: EngineOptions | None = 
     return encode_chunks(model, _frames_to_model(frames, opts.device, opts.dtype), opts)
 
 
-def encode_tensor(model, video: Tensor, **options) -> Tensor:
-    """Encode a (1, 3, T, H, W) clip in [-1, 1] through the engine; returns the posterior mean
-    (1, z, T', h, w) of the padded clip."""
-    return encode_chunks(model, [video], EngineOptions(**options)).mean
+def encode_tensor(model, video: Tensor, **options) -> EncodeResult:
+    """Encode a (1, 3, T, H, W) clip in [-1, 1] (any T, H, W) through the engine; returns the
+    posterior moments (1, z, T', h, w) of the padded clip and its geometry."""
+    return encode_chunks(model, [video], EngineOptions(**options))
 
 
 def _chunk_bounds(length: int, chunk: int, first_extra: int = 1) -> list[tuple[int, int]]:
@@ -368,6 +386,10 @@ def decode_chunks(model, z: Tensor, opts: EngineOptions | None = None) -> Iterat
     if z.ndim != 5 or z.shape[0] != 1 or z.shape[1] != model.latent_channels:
         raise ValueError(f"expected latents (1, {model.latent_channels}, T, h, w), got {tuple(z.shape)}")
     sf = model.space_factor
+    if opts.tiling == "official":
+        tiling = model.official_tiling_for(opts.chunk_frames, opts.tile)
+        yield model.official_decode(z.to(opts.device, opts.dtype), tiling).float()
+        return
     plan = plan_tiles(model, z.shape[-2], z.shape[-1], opts, encoder=False)
     tile_caches, stem_cache = _new_caches(opts, plan)
     bounds = _chunk_bounds(z.shape[2], latent_chunk_frames(model, opts))

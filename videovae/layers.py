@@ -337,11 +337,15 @@ TIME_UPSAMPLES = ("nearest", "trilinear", "pixel_shuffle")
 
 
 class SpatialUpsample(nn.Module):
-    """Nearest 2x in H and W per frame, then a causal 3x3x3 conv. T is kept."""
+    """Nearest 2x in H and W per frame, then a causal ``kernel_t`` x 3 x 3 conv. T is kept.
 
-    def __init__(self, channels: int, time_pad: TimePad):
+    ``kernel_t=3`` (default) mixes the current and two previous frames; ``kernel_t=1`` is a plain
+    per-frame 3x3 conv (OD-VAE's ``SpatialUpsample2x``, weight ``(C, C, 1, 3, 3)``).
+    """
+
+    def __init__(self, channels: int, time_pad: TimePad, kernel_t: int = 3):
         super().__init__()
-        self.conv = CausalConv3d(channels, channels, 3, time_pad=time_pad)
+        self.conv = CausalConv3d(channels, channels, (kernel_t, 3, 3), time_pad=time_pad)
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
         x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")

@@ -14,6 +14,8 @@ from torch import nn
 
 from videovae.models.causal_vae import PRESETS as CAUSAL_VAE_PRESETS
 from videovae.models.causal_vae import CausalVAE, CausalVAEConfig
+from videovae.models.odvae import ODVAE
+from videovae.models.odvae import PRESETS as ODVAE_PRESETS
 
 
 @dataclass(frozen=True)
@@ -25,10 +27,12 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "causal-vae": Family("causal-vae", CausalVAEConfig, CausalVAE),
+    "od-vae": Family("od-vae", CausalVAEConfig, ODVAE),
 }
 
 # preset name -> (family name, config)
 PRESETS: dict[str, tuple[str, Any]] = {name: ("causal-vae", cfg) for name, cfg in CAUSAL_VAE_PRESETS.items()}
+PRESETS.update({name: ("od-vae", cfg) for name, cfg in ODVAE_PRESETS.items()})
 
 
 def family_of(name: str) -> Family:
@@ -54,4 +58,4 @@ def from_preset(name: str) -> nn.Module:
     return build_model(family, config)
 
 
-__all__ = ["FAMILIES", "PRESETS", "CausalVAE", "CausalVAEConfig", "build_model", "family_of", "from_preset"]
+__all__ = ["FAMILIES", "ODVAE", "PRESETS", "CausalVAE", "CausalVAEConfig", "build_model", "family_of", "from_preset"]

@@ -67,6 +67,8 @@ class CausalVAEConfig:
     time_upsample: str = "pixel_shuffle"
     attention: bool = True
     use_quant_conv: bool = True
+    # Time kernel of the conv after a space-only upsampler (OD-VAE: 1, a per-frame 3x3 conv).
+    spatial_upsample_kernel_t: int = 3
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     logvar_min: float = -30.0
@@ -87,6 +89,8 @@ class CausalVAEConfig:
             problems.append(f"time_pad must be one of {TIME_PADS}")
         if self.time_upsample not in TIME_UPSAMPLES:
             problems.append(f"time_upsample must be one of {TIME_UPSAMPLES}")
+        if self.spatial_upsample_kernel_t not in (1, 3):
+            problems.append("spatial_upsample_kernel_t must be 1 or 3")
         if problems:
             raise ValueError("invalid CausalVAEConfig: " + "; ".join(problems))
 
@@ -252,7 +256,7 @@ class Decoder(nn.Module):
             return PixelShuffleUpsample(channels, (2 if temporal else 1, 2, 2), cfg.time_pad)
         if temporal:
             return SpatioTemporalUpsample(channels, cfg.time_pad, cfg.time_upsample)
-        return SpatialUpsample(channels, cfg.time_pad)
+        return SpatialUpsample(channels, cfg.time_pad, cfg.spatial_upsample_kernel_t)
 
     def forward(self, z: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
         h, cache = self.stem(z, cache)
@@ -388,18 +392,20 @@ class CausalVAE(nn.Module):
         return z / self.config.scaling_factor + self.config.shift_factor
 
     # --- engine -----------------------------------------------------------------------------------
-    def encode_video(self, video: Tensor, **engine_options) -> Tensor:
-        """Chunked/tiled encode of a whole NCTHW clip in [-1, 1] (any T, H, W: padded then recorded);
-        returns the posterior mean. See :func:`videovae.engine.encode_video`."""
+    def encode_video(self, video: Tensor, **engine_options):
+        """Chunked/tiled encode of a (1, 3, T, H, W) clip in [-1, 1] of any T, H, W (padded, and the
+        padding recorded). Returns :class:`videovae.engine.EncodeResult` (``.mean``, ``.logvar``,
+        ``.sample(generator)``, ``.geometry``). Options: :class:`videovae.engine.EngineOptions`."""
         from videovae.engine import encode_tensor
 
         return encode_tensor(self, video, **engine_options)
 
-    def decode_video(self, z: Tensor, **engine_options) -> Tensor:
-        """Chunked/tiled decode of latents to NCTHW in [-1, 1]. See :func:`videovae.engine.decode_video`."""
+    def decode_video(self, z: Tensor, geometry=None, **engine_options) -> Tensor:
+        """Chunked/tiled decode of latents (1, z, T', h, w) to (1, 3, T, H, W) float32 in [-1, 1]
+        (not clamped), cropped back to ``geometry`` (from ``encode_video``) when given."""
         from videovae.engine import decode_tensor
 
-        return decode_tensor(self, z, **engine_options)
+        return decode_tensor(self, z, geometry, **engine_options)
 
     # --- geometry for the engine ---------------------------------------------------------------
     def decoder_receptive_radius(self) -> float:
