@@ -93,6 +93,21 @@ def test_group_norm_tiling_blends_without_seams(tiny):
     assert band < 2 * err.mean()
 
 
+def test_exact_tile_norm_gives_the_untiled_result_for_group_norm_models(tiny):
+    """With whole-frame statistics exchanged between tiles, GroupNorm + attention tiles exactly."""
+    x = to_model_range(synthetic_video(5, 64, 80, seed=6))
+    with torch.no_grad():
+        whole = tiny.encode(x).mean
+        decoded = tiny.decode(whole)
+    tiled_latent = encode_tensor(tiny, x, chunk_frames=4, tile=32, tile_norm="exact").mean
+    torch.testing.assert_close(tiled_latent, whole, atol=1e-5, rtol=0)
+    tiled = decode_tensor(tiny, whole, chunk_frames=4, tile=32, tile_norm="exact")
+    torch.testing.assert_close(tiled, decoded, atol=1e-5, rtol=0)
+    assert psnr(decoded.clamp(-1, 1), tiled.clamp(-1, 1)).min() > 40
+    with pytest.raises(ValueError, match="tile_norm"):
+        decode_tensor(tiny, whole, tile=32, tile_norm="global")
+
+
 def test_spans_cover_and_blend_weights_sum_to_one():
     spans = tile_spans(37, 10, 5, 2)
     assert spans[0].keep0 == 0 and spans[-1].keep1 == 37

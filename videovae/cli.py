@@ -52,6 +52,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
     g.add_argument("--chunk-frames", type=int, default=None,
                    help=f"video frames per time chunk after the first (default {DEFAULT_CHUNK_FRAMES}; 0 = whole clip)")
     g.add_argument("--tile", type=int, default=None, help="spatial tile size in pixels (default 0 = no tiling)")
+    g.add_argument("--tile-norm", default="tile", choices=["tile", "exact"],
+                   help="GroupNorm statistics when tiling: per tile (fast) or whole-frame (exact, slower)")
     g.add_argument("--max-memory", default=None, help="memory budget, e.g. 2G: picks chunk length and tile size")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype")
@@ -74,6 +76,7 @@ def _engine_options(args, model, height: int, width: int) -> EngineOptions:
     return EngineOptions(
         chunk_frames=DEFAULT_CHUNK_FRAMES if chunk is None else chunk,
         tile=0 if tile is None else tile,
+        tile_norm=args.tile_norm,
         device=args.device,
         dtype=dtype,
         progress=not args.quiet,

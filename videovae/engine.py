@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from videovae.kernels import blend_tile_, normalize_canvas, to_uint8_frames
-from videovae.layers import CausalCache
+from videovae.layers import CausalCache, NormSync
 
 DEFAULT_CHUNK_FRAMES = 16
 DEFAULT_TILE = 256
+TILE_NORMS = ("tile", "exact")
 
 
 class MemoryBudgetError(ValueError):
@@ -53,6 +54,10 @@ class EngineOptions:
         at least 1).
     halo: extra context in latent pixels around each tile core (None: the receptive field of the
         tiled part plus the ramp).
+    tile_norm: GroupNorm statistics of tiled models: ``tile`` normalises each tile with its own
+        statistics (one run of the tiled part; approximate), ``exact`` exchanges whole-frame
+        statistics between tiles (see :class:`videovae.layers.NormSync`) so that tiled equals
+        untiled, at the cost of one extra run of the tiled part per GroupNorm layer in it.
     tiling: ``halo`` (the engine above) or ``official``: the model's own windowed tiling (OD-VAE:
         temporal windows of ``1 + chunk_frames`` frames sharing one frame, no cache across them,
         spatial tiles of ``tile`` pixels cross-faded as the official code does; the whole clip is
@@ -63,6 +68,7 @@ class EngineOptions:
     tile: int = 0
     ramp: int | None = None
     halo: int | None = None
+    tile_norm: str = "tile"
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     progress: bool = False
@@ -98,6 +104,8 @@ def check_options(model, opts: EngineOptions) -> None:
         raise ValueError(f"tiling must be one of {TILINGS}, got {opts.tiling!r}")
     if opts.tiling == "official" and not hasattr(model, "official_encode"):
         raise ValueError(f"{model.family} models have no official tiling (use tiling='halo')")
+    if opts.tile_norm not in TILE_NORMS:
+        raise ValueError(f"tile_norm must be one of {TILE_NORMS}, got {opts.tile_norm!r}")
     if opts.chunk_frames < 0 or opts.chunk_frames % tf:
         raise ValueError(f"chunk_frames={opts.chunk_frames} must be 0 or a positive multiple of {tf}")
     if opts.tile < 0 or opts.tile % sf:
@@ -111,8 +119,11 @@ def check_options(model, opts: EngineOptions) -> None:
 
 @dataclass(frozen=True)
 class Span:
-    """One tile along one axis, in latent pixels: run on [ext0, ext1), keep [keep0, keep1)."""
+    """One tile along one axis, in latent pixels: run on [ext0, ext1), keep [keep0, keep1), own
+    the core [core0, core1) (cores partition the axis)."""
 
+    core0: int
+    core1: int
     ext0: int
     ext1: int
     keep0: int
@@ -133,6 +144,8 @@ def tile_spans(size: int, core: int, halo: int, ramp: int) -> list[Span]:
         after = ramp if i < count - 1 else 0
         spans.append(
             Span(
+                core0=c0,
+                core1=c1,
                 ext0=max(0, c0 - halo),
                 ext1=min(size, c1 + halo),
                 keep0=c0 - before,
@@ -177,18 +190,41 @@ def plan_tiles(model, lat_h: int, lat_w: int, opts: EngineOptions, *, encoder: b
     return TilePlan(tile_spans(lat_h, core, halo, ramp), tile_spans(lat_w, core, halo, ramp))
 
 
-def _run_tiled(fn, x: Tensor, plan: TilePlan | None, caches: list, in_scale: int, out_scale: int) -> Tensor:
+def _run_tiled(
+    fn, x: Tensor, plan: TilePlan | None, caches: list, in_scale: int, out_scale: int, sync_norms: bool = False
+) -> Tensor:
     """Apply ``fn(x_tile, cache) -> (y_tile, cache)`` tile by tile and blend into one canvas.
 
     ``in_scale``/``out_scale``: pixels per latent pixel of the input/output (8 and 1 for the
-    encoder, 1 and 8 for the decoder)."""
+    encoder, 1 and 8 for the decoder). With ``sync_norms``, statistics passes run first, on forked
+    caches so that the causal state advances once: pass k fixes the k-th GroupNorm layer."""
     if plan is None:
         y, caches[0] = fn(x, caches[0])
         return y
+
+    def tile_input(r: Span, c: Span) -> Tensor:
+        return x[..., r.ext0 * in_scale : r.ext1 * in_scale, c.ext0 * in_scale : c.ext1 * in_scale].contiguous()
+
+    def region(r: Span, c: Span) -> tuple[int, int, int, int, int, int]:
+        tile = (r.ext1 - r.ext0, c.ext1 - c.ext0)
+        return (*tile, r.core0 - r.ext0, r.core1 - r.ext0, c.core0 - c.ext0, c.core1 - c.ext0)
+
+    stats = None
+    exact_layers = 0
+    while sync_norms:
+        sums: dict = {}
+        for index, (r, c) in enumerate(plan):
+            fn(tile_input(r, c), caches[index].fork(NormSync(sums, stats, True, region(r, c))))
+        exact_layers += 1
+        stats = NormSync.finalize(sums, exact_layers)
+        if exact_layers >= len(sums):
+            break
     canvas = weights = None
     for index, (r, c) in enumerate(plan):
-        x_tile = x[..., r.ext0 * in_scale : r.ext1 * in_scale, c.ext0 * in_scale : c.ext1 * in_scale].contiguous()
-        y_tile, caches[index] = fn(x_tile, caches[index])
+        if stats is not None:
+            caches[index].norm_sync = NormSync({}, stats, False, region(r, c))
+        y_tile, caches[index] = fn(tile_input(r, c), caches[index])
+        caches[index].norm_sync = None
         if canvas is None:
             n, ch, t = y_tile.shape[:3]
             h = plan.rows[-1].keep1 * out_scale
@@ -215,11 +251,17 @@ def _run_tiled(fn, x: Tensor, plan: TilePlan | None, caches: list, in_scale: int
 
 
 def _new_caches(opts: EngineOptions, plan: TilePlan | None) -> tuple[list, CausalCache | None]:
-    """One cache per tile for the tiled part, one for the untiled latent-resolution part
-    (all None in whole-clip mode)."""
+    """One cache per tile for the tiled part, one for the untiled latent-resolution part. Whole-clip
+    mode uses None, except for tiles, which always carry a cache (a fresh cache is equivalent to
+    None on the first chunk, and it carries the norm statistics)."""
     streaming = bool(opts.chunk_frames)
-    tiles = [CausalCache() if streaming else None for _ in range(len(plan) if plan else 1)]
-    return tiles, CausalCache() if streaming else None
+    if plan is None:
+        return [CausalCache() if streaming else None], CausalCache() if streaming else None
+    return [CausalCache() for _ in range(len(plan))], CausalCache() if streaming else None
+
+
+def _sync_norms(model, opts: EngineOptions) -> bool:
+    return opts.tile_norm == "exact" and not model.config.halo_tiling_exact
 
 
 # --- encode ----------------------------------------------------------------------------------------
@@ -336,7 +378,9 @@ def encode_chunks(model, chunks: Iterable[Tensor], opts: EngineOptions | None = 
         if tile_caches is None:
             plan = plan_tiles(model, x.shape[-2] // sf, x.shape[-1] // sf, opts, encoder=True)
             tile_caches, head_cache = _new_caches(opts, plan)
-        features = _run_tiled(model.encode_body, x.to(opts.device, opts.dtype), plan, tile_caches, sf, 1)
+        features = _run_tiled(
+            model.encode_body, x.to(opts.device, opts.dtype), plan, tile_caches, sf, 1, _sync_norms(model, opts)
+        )
         chunk_moments, head_cache = model.encode_head(features, head_cache)
         moments.append(chunk_moments.float().cpu())
         progress.update(1)
@@ -396,7 +440,7 @@ def decode_chunks(model, z: Tensor, opts: EngineOptions | None = None) -> Iterat
     progress = _progress(opts, "decode", unit="chunk", total=len(bounds))
     for a, b in bounds:
         features, stem_cache = model.decode_stem(z[:, :, a:b].to(opts.device, opts.dtype), stem_cache)
-        yield _run_tiled(model.decode_body, features, plan, tile_caches, 1, sf).float()
+        yield _run_tiled(model.decode_body, features, plan, tile_caches, 1, sf, _sync_norms(model, opts)).float()
         progress.update(1)
     progress.close()
 

@@ -35,20 +35,78 @@ TIME_PADS = ("replicate", "zeros")
 
 
 @dataclass
+class NormSync:
+    """Exchange of GroupNorm statistics between the spatial tiles of one time chunk.
+
+    A tile sees only part of each frame, so its own GroupNorm statistics differ from the whole
+    frame's. The engine therefore runs *collect* passes: every tile adds the sum and sum of squares
+    of each norm's input over its core region (its share of the frame, halo excluded, so each
+    pixel counts once) to the shared ``sums``. Pass k normalises the first k - 1 norm layers (in
+    execution order) with those totals and the rest per tile, so after pass k the first k layers
+    have exactly the whole-frame statistics; with as many passes as norm layers, tiled inference
+    equals untiled inference. ``region`` is the tile's core inside the tile, in latent pixels:
+    ``(tile_h, tile_w, y0, y1, x0, x1)``; norms scale it to their own resolution.
+    """
+
+    sums: dict[str, list[Tensor]]
+    stats: dict[str, tuple[Tensor, Tensor]] | None
+    collect: bool
+    region: tuple[int, int, int, int, int, int]
+
+    def stats_for(self, key: str) -> tuple[Tensor, Tensor] | None:
+        return None if self.stats is None else self.stats.get(key)
+
+    def add(self, key: str, x: Tensor, groups: int, per_frame: bool) -> None:
+        tile_h, tile_w, y0, y1, x0, x1 = self.region
+        sy, sx = x.shape[-2] / tile_h, x.shape[-1] / tile_w
+        core = x[..., round(y0 * sy) : round(y1 * sy), round(x0 * sx) : round(x1 * sx)].double()
+        n, c, t = core.shape[:3]
+        core = core.reshape(n, groups, c // groups, t, -1)
+        dims = (2, 4) if per_frame else (2, 3, 4)
+        total = core.sum(dim=dims)
+        squares = core.square().sum(dim=dims)
+        count = core.new_tensor(core.numel() / (n * groups * (t if per_frame else 1)))
+        if key in self.sums:
+            acc = self.sums[key]
+            acc[0] += total
+            acc[1] += squares
+            acc[2] += count
+        else:
+            self.sums[key] = [total, squares, count]
+
+    @staticmethod
+    def finalize(sums: dict[str, list[Tensor]], exact_layers: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """Totals -> (mean, biased variance), shaped (N, G, T) or (N, G), for the first
+        ``exact_layers`` norms in execution order (dicts keep insertion order): only those saw
+        inputs computed with whole-frame statistics throughout."""
+        stats = {}
+        for key, (total, squares, count) in list(sums.items())[:exact_layers]:
+            mean = total / count
+            stats[key] = (mean, (squares / count - mean.square()).clamp_min(0))
+        return stats
+
+
+@dataclass
 class CausalCache:
     """Frames carried from one time chunk to the next, keyed by module path.
 
     ``frames[key]`` holds, for a causal conv, the tail of its (time-padded) input that the next
     chunk's first outputs still need; for an upsampler, a marker that the first chunk is done.
+    ``norm_sync`` is set by the engine during tiled inference (see :class:`NormSync`).
     """
 
     frames: dict[str, Tensor] = field(default_factory=dict)
+    norm_sync: NormSync | None = None
 
     def get(self, key: str) -> Tensor | None:
         return self.frames.get(key)
 
     def set(self, key: str, value: Tensor) -> None:
         self.frames[key] = value
+
+    def fork(self, norm_sync: NormSync | None) -> CausalCache:
+        """A copy whose updates do not reach this cache (entries are replaced, never mutated)."""
+        return CausalCache(dict(self.frames), norm_sync)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.frames.values())
@@ -62,7 +120,7 @@ def assign_cache_keys(root: nn.Module) -> None:
 
 
 class CausalModule(nn.Module):
-    """Marker base for modules that keep state across time chunks."""
+    """Base of modules that read or keep state in a :class:`CausalCache` under ``cache_key``."""
 
     cache_key: str = ""
 
@@ -158,7 +216,7 @@ class Conv2dPerFrame(nn.Conv2d):
         return batch_to_frames(super().forward(frames_to_batch(x)), n)
 
 
-class Norm(nn.Module):
+class Norm(CausalModule):
     """Normalisation with an optional fused SiLU.
 
     ``group_frame``: GroupNorm with statistics per frame over (C/G, H, W): exactly streamable.
@@ -180,12 +238,29 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+    def forward(self, x: Tensor, silu: bool = False, cache: CausalCache | None = None) -> Tensor:
         if self.kind == "rms":
             return rms_norm_silu(x, self.weight, self.bias, eps=self.eps, silu=silu)
-        return group_norm_silu(
-            x, self.weight, self.bias, self.groups, eps=self.eps, per_frame=self.kind == "group_frame", silu=silu
-        )
+        per_frame = self.kind == "group_frame"
+        sync = cache.norm_sync if cache is not None else None
+        if sync is not None:
+            if sync.collect:
+                sync.add(self.cache_key, x, self.groups, per_frame)
+            stats = sync.stats_for(self.cache_key)
+            if stats is not None:
+                return self._normalise_with(x, *stats, silu)
+        return group_norm_silu(x, self.weight, self.bias, self.groups, eps=self.eps, per_frame=per_frame, silu=silu)
+
+    def _normalise_with(self, x: Tensor, mean: Tensor, var: Tensor, silu: bool) -> Tensor:
+        """GroupNorm with given statistics: mean/var (N, G, T) per frame or (N, G) per clip."""
+        n, c, t, h, w = x.shape
+        if mean.ndim == 2:
+            mean, var = mean[:, :, None], var[:, :, None]
+        shape = (n, self.groups, 1, mean.shape[2], 1, 1)
+        scale = torch.rsqrt(var.float() + self.eps).reshape(shape)
+        y = (x.float().reshape(n, self.groups, c // self.groups, t, h, w) - mean.float().reshape(shape)) * scale
+        y = y.reshape(n, c, t, h, w) * self.weight.float().view(1, c, 1, 1, 1) + self.bias.float().view(1, c, 1, 1, 1)
+        return (F.silu(y) if silu else y).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, {self.weight.numel()}, groups={self.groups}, eps={self.eps}"
@@ -242,8 +317,8 @@ class ResBlock(nn.Module):
         self.nin_shortcut = make_conv(kind, cin, cout, 1, opts.time_pad) if cin != cout else None
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
-        h = apply_conv(self.conv1, self.norm1(x, silu=True), cache)
-        h = apply_conv(self.conv2, self.norm2(h, silu=True), cache)
+        h = apply_conv(self.conv1, self.norm1(x, silu=True, cache=cache), cache)
+        h = apply_conv(self.conv2, self.norm2(h, silu=True, cache=cache), cache)
         skip = x if self.nin_shortcut is None else apply_conv(self.nin_shortcut, x, cache)
         return skip + h, cache
 
@@ -283,7 +358,7 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
         n, _, _, h, w = x.shape
-        y = self.norm(x)
+        y = self.norm(x, cache=cache)
         q, k, v = (rearrange(conv(y)[0], "n c t h w -> (n t) (h w) c") for conv in (self.q, self.k, self.v))
         out = rearrange(single_head_attention(q, k, v), "(n t) (h w) c -> n c t h w", n=n, h=h, w=w)
         return x + self.proj_out(out)[0], cache

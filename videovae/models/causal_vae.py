@@ -224,7 +224,7 @@ class Encoder(nn.Module):
         """Latent-resolution part: mid block (attention), norm_out, conv_out -> moments."""
         ckpt = self.gradient_checkpointing and self.training and cache is None
         h = _run_blocks([self.mid], h, cache, ckpt)
-        return self.conv_out(self.norm_out(h, silu=True), cache)
+        return self.conv_out(self.norm_out(h, silu=True, cache=cache), cache)
 
 
 class Decoder(nn.Module):
@@ -275,7 +275,7 @@ class Decoder(nn.Module):
             h = _run_blocks(stage.block, h, cache, ckpt)
             if stage.upsample is not None:
                 h, cache = stage.upsample(h, cache)
-        return self.conv_out(self.norm_out(h, silu=True), cache)
+        return self.conv_out(self.norm_out(h, silu=True, cache=cache), cache)
 
     def last_layer_weight(self) -> Tensor:
         """The weight the adaptive GAN weight takes gradient norms against."""

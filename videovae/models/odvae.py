@@ -63,10 +63,19 @@ class ODVAE(CausalVAE):
         (``1 + chunk_frames / 4`` latents), spatial tiles of ``tile`` pixels (``tile / 8`` latents),
         0 = untiled in that dimension; the overlap factor is ``self.official_tiling.overlap``."""
         untiled = 1 << 30
+        overlap = self.official_tiling.overlap
+        if tile:
+            latent = tile // self.space_factor
+            if int(tile * (1 - overlap)) != self.space_factor * (latent - int(latent * overlap)):
+                raise ValueError(
+                    f"official tiling with tile {tile} and overlap {overlap} is inconsistent: the encode "
+                    f"stride ({int(tile * (1 - overlap))} px) differs from the kept {latent - int(latent * overlap)} "
+                    f"latents per tile; pick a tile whose latent size times the overlap is an integer"
+                )
         return OfficialTiling(
             sample_size=tile or untiled,
             latent_size=tile // self.space_factor if tile else untiled,
-            overlap=self.official_tiling.overlap,
+            overlap=overlap,
             sample_frames=1 + chunk_frames if chunk_frames else untiled,
             latent_frames=1 + chunk_frames // self.time_factor if chunk_frames else untiled,
         )
@@ -84,7 +93,7 @@ class ODVAE(CausalVAE):
 # --- presets ------------------------------------------------------------------------------------
 
 
-def _odvae_config(
+def odvae_config(
     temporal_down: tuple[bool, bool, bool] = (False, True, True),
     *,
     stream: bool = False,
@@ -128,17 +137,17 @@ def _odvae_config(
 PRESETS: dict[str, CausalVAEConfig] = {
     # The released v1.2 model (verified against the official code and its parameter count):
     # time compressed after encoder levels 1 and 2, 4x8x8, z=4, 239,189,991 parameters.
-    "od-vae": _odvae_config(),
+    "od-vae": odvae_config(),
     # Temporal-compression variants. The OD-VAE paper analyses four variants, but which levels
     # compress time in each could not be verified; these presets are defined by the levels whose
     # downsampler halves time (and use 2D blocks while at the full frame rate). Unverified as
     # reproductions of the paper's variants.
-    "od-vae-t01": _odvae_config((True, True, False)),
-    "od-vae-t02": _odvae_config((True, False, True)),
-    "od-vae-3d": _odvae_config((False, True, True), all_3d=True),
+    "od-vae-t01": odvae_config((True, True, False)),
+    "od-vae-t02": odvae_config((True, False, True)),
+    "od-vae-3d": odvae_config((False, True, True), all_3d=True),
     # Same layout and weight shapes as od-vae, per-frame GroupNorm everywhere and causal nearest
     # time (and space) upsampling: chunked == whole clip exactly; inflates exactly from an image VAE.
-    "od-vae-stream": _odvae_config(stream=True),
+    "od-vae-stream": odvae_config(stream=True),
 }
 
 
@@ -165,6 +174,8 @@ def config_from_official(cfg: dict[str, Any]) -> CausalVAEConfig:
         if get(key) not in allowed:
             problems.append(f"{key}={get(key)!r} (supported: {', '.join(map(repr, allowed))})")
 
+    if cfg.get("_class_name", "CausalVAEModel") != "CausalVAEModel":
+        raise ValueError(f"unsupported OD-VAE config: _class_name={cfg['_class_name']!r} (expected 'CausalVAEModel')")
     mult = tuple(int(m) for m in get("hidden_size_mult"))
     levels = len(mult)
     for key in ("in_channels", "out_channels"):
@@ -541,11 +552,13 @@ def _map_diffusers_key(key: str, rules, own: dict[str, Tensor]) -> str | None:
     stem, _, leaf = key.rpartition(".")
     stem += "."
     for pattern, repl in rules:
-        if pattern.fullmatch(stem):
-            name = pattern.sub(repl, stem, count=1) + leaf
+        match = pattern.match(stem)
+        if match:
+            prefix = match.expand(repl) + stem[match.end() :]
+            name = prefix + leaf
             if name in own:
                 return name
-            nested = name[: -len(leaf)] + "conv." + leaf
+            nested = prefix + "conv." + leaf
             return nested if nested in own else name
     return None
 
@@ -579,8 +592,8 @@ def inflate_image_vae(state_2d: dict[str, Tensor], config: CausalVAEConfig, init
     """
     if init not in ("tail", "center"):
         raise ValueError(f"init must be 'tail' or 'center', got {init!r}")
-    model = ODVAE(config)
-    own = model.state_dict()
+    with torch.device("meta"):  # shapes only, until the mapping is known to be complete
+        own = ODVAE(config).state_dict()
     rules = _diffusers_rules(len(config.channel_mult))
     new: dict[str, Tensor] = {}
     unmapped = []
@@ -598,6 +611,7 @@ def inflate_image_vae(state_2d: dict[str, Tensor], config: CausalVAEConfig, init
         if missing:
             parts.append("model keys not provided: " + ", ".join(missing[:20]))
         raise ValueError("image VAE does not fit the model (" + "; ".join(parts) + ")")
+    model = ODVAE(config)
     model.load_state_dict(new)
     return model.eval()
 
