@@ -432,9 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="train a VAE (single process; multi-GPU: deepspeed -m videovae.train.vae)")
-    from videovae.train.vae import add_arguments
-
-    add_arguments(p)
+    p.add_argument("--config", default=None, help="YAML training config (e.g. train/configs/tiny_demo.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/latest")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=2e-4")
     p.set_defaults(func=cmd_train)
     return parser
 

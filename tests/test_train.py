@@ -1,0 +1,224 @@
+"""Training: config, data, losses, LPIPS, and short single-process DeepSpeed runs (CPU, tiny preset)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from videovae.train.config import ConfigError, deepspeed_config, load_config
+from videovae.train.data import ClipDataset
+from videovae.train.discriminator import PatchDiscriminator3D
+from videovae.train.losses import adaptive_weight, hinge_d_loss, recon_loss
+from videovae.train.lpips import LPIPS, LPIPSWeightsError, lpips_video
+from videovae.train.vae import lr_factor, train
+
+from videovae.checkpoint import load_checkpoint
+from videovae.cli import main as cli_main
+from videovae.synthetic import write_synthetic_video
+
+CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    """A 5-frame 32x32 clip: with crop_scale_min=1 and max_stride=1 every training sample is the same."""
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    write_synthetic_video(path, 5, 32, 32, seed=2, crf=10)
+    return path
+
+
+def _overrides(clip: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.paths=[{clip}]", f"run_dir={run_dir}", "data.size=32", "data.num_frames=5", "data.max_stride=1",
+            "data.crop_scale_min=1.0", "data.num_workers=0", "batch_size=1", "progress=false", "val_clips=1",
+            "optim.warmup_steps=0", "optim.lr=3e-3", "optim.ema_decay=0.5", "log_every=1", "disc.channels=8",
+            *extra]
+
+
+def _train_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+# --- config -------------------------------------------------------------------------------------------
+
+
+def test_config_yaml_overrides_and_deepspeed_dict():
+    cfg = load_config(CONFIG, ["optim.lr=2e-4", "data.paths=[a.mp4,b]", "deepspeed.zero_stage=2",
+                               "deepspeed.precision=bf16", "deepspeed.grad_accum=4", "loss.lpips_vgg=null"])
+    assert cfg.optim.lr == 2e-4 and cfg.data.paths == ["a.mp4", "b"] and cfg.model.preset == "tiny"
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == cfg.batch_size * 4 * 2
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key"),
+    ("max_steps=abc", "max_steps: expected an integer"),
+    ("deepspeed.zero_stage=3", "zero_stage must be 0, 1 or 2"),
+    ("loss.recon=l2", "loss.recon"),
+    ("noequals", "not key=value"),
+])
+def test_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIG, [override])
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+# --- losses, discriminator, LPIPS -------------------------------------------------------------------------
+
+
+def test_losses_and_discriminator_shapes():
+    x = torch.rand(2, 3, 9, 32, 32) * 2 - 1
+    assert recon_loss(x, x).item() == 0.0
+    assert recon_loss(x, x, "charbonnier").item() == pytest.approx(0.0, abs=1e-6)
+    disc = PatchDiscriminator3D(channels=8, layers=3)
+    for t in (1, 9):
+        logits = disc(x[:, :, :t])
+        assert logits.shape[:2] == (2, 1)
+    assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0
+    w = torch.randn(4, 4, requires_grad=True)
+    assert adaptive_weight((w * 2).sum(), w.sum(), w).item() == pytest.approx(2.0, rel=1e-3)
+
+
+def test_lpips_needs_local_weights(tmp_path):
+    with pytest.raises(LPIPSWeightsError, match="nothing is downloaded"):
+        LPIPS.from_files(None, None)
+    with pytest.raises(LPIPSWeightsError, match="not found"):
+        LPIPS.from_files(tmp_path / "vgg16.pth", tmp_path / "lin.pth")
+    with pytest.raises(ConfigError, match="LPIPS weights file not found"):
+        load_config(CONFIG, ["loss.lpips_weight=0.1", f"loss.lpips_vgg={tmp_path}/no.pth",
+                             f"loss.lpips_lin={tmp_path}/no.pth"])
+
+
+def test_lpips_forward_and_loading_random_weights(tmp_path):
+    torch.manual_seed(0)
+    net = LPIPS()
+    for conv in net.lins:
+        conv.weight.data.uniform_(0, 0.1)
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    d = net(a, b)
+    assert d.shape == (2,) and (d > 0).all()
+    assert net(a, a).abs().max().item() < 1e-6
+    vgg = {f"features.{k}": v for k, v in net.features.state_dict().items()}
+    vgg["classifier.0.weight"] = torch.zeros(1)
+    save_file(vgg, tmp_path / "vgg.safetensors")
+    torch.save({f"lin{i}.model.1.weight": c.weight.detach().clone() for i, c in enumerate(net.lins)},
+               tmp_path / "lin.pth")
+    loaded = LPIPS.from_files(tmp_path / "vgg.safetensors", tmp_path / "lin.pth")
+    assert torch.allclose(loaded(a, b), d)
+    video = torch.rand(1, 3, 3, 32, 32) * 2 - 1
+    assert lpips_video(loaded, video, video).item() < 1e-6
+    with pytest.raises(LPIPSWeightsError, match="missing lin0"):
+        LPIPS.from_files(tmp_path / "vgg.safetensors", tmp_path / "vgg.safetensors")
+
+
+# --- data -----------------------------------------------------------------------------------------------
+
+
+def test_dataset_clips_images_and_corrupt_video_skipped(tmp_path, caplog):
+    write_synthetic_video(tmp_path / "good.mp4", 12, 40, 48, seed=1)
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    (tmp_path / "notes.txt.bak").write_text("ignored")
+    from videovae.io import write_png
+
+    write_png(tmp_path / "still.png", torch.full((30, 50, 3), 128, dtype=torch.uint8))
+    with caplog.at_level(logging.WARNING, logger="videovae.train"):
+        ds = ClipDataset([str(tmp_path)], num_frames=9, size=16, max_stride=3, crop_scale_min=0.5,
+                         image_ratio=0.5, batch_size=2, seed=0)
+    assert any("broken.mp4" in r.getMessage() for r in caplog.records)
+    assert ds.videos == [str(tmp_path / "good.mp4")]
+    shapes = {tuple(ds[n].shape) for n in range(12)}
+    assert shapes == {(3, 9, 16, 16), (3, 1, 16, 16)}
+    for n in range(0, 12, 2):  # one clip length per batch
+        assert ds[n].shape == ds[n + 1].shape
+    x = ds[3]
+    assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(ds[5], ds[5])  # sample n is a pure function of (seed, rank, n)
+
+
+def test_video_failing_at_decode_time_is_skipped(tmp_path, caplog):
+    write_synthetic_video(tmp_path / "a.mp4", 9, 32, 32, seed=1)
+    write_synthetic_video(tmp_path / "b.mp4", 9, 32, 32, seed=2)
+    ds = ClipDataset([str(tmp_path)], num_frames=5, size=16, seed=0, cache_mb=0)
+    (tmp_path / "b.mp4").write_bytes(b"garbage" * 100)  # breaks after the listing
+    with caplog.at_level(logging.WARNING, logger="videovae.train"):
+        clips = [ds[n] for n in range(8)]
+    assert all(c.shape == (3, 5, 16, 16) for c in clips)
+    assert any("b.mp4" in r.getMessage() and "failed to decode" in r.getMessage() for r in caplog.records)
+    assert ds.bad == {str(tmp_path / "b.mp4")}
+
+
+# --- single-process training --------------------------------------------------------------------------------
+
+
+def test_few_steps_reduce_the_loss(clip, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", str(CONFIG),
+            *_overrides(clip, run_dir, "max_steps=8", "loss.disc_start=100", "save_every=100", "val_every=100")]
+    assert cli_main(args) == 0  # `videovae train ...`
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [r for r in _train_log(run_dir) if r["kind"] == "train"]
+    assert records[0]["step"] == 1 and records[-1]["step"] == 8
+    assert records[-1]["recon"] < 0.8 * records[0]["recon"]
+    assert {"recon", "kl", "total", "lr"} <= set(records[0])
+    assert summary["step"] == 8 and (run_dir / "config.yaml").is_file() and (run_dir / "val.csv").is_file()
+    assert list((run_dir / "previews").glob("step_*.png"))
+    model = load_checkpoint(run_dir / "vae.safetensors")
+    assert model.family == "causal-vae"
+
+
+def test_resume_equivalence_single_process(clip, tmp_path):
+    common = ("max_steps=4", "loss.disc_start=2", "loss.disc_weight=0.5", "save_every=100", "val_every=100",
+              "val_clips=0")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(load_config(CONFIG, _overrides(clip, straight, *common)))
+    first = train(load_config(CONFIG, _overrides(clip, split, *common, "run_steps=2")))
+    assert first["step"] == 2
+    interrupted = split / "checkpoints" / "step_00000003.tmp" / "vae"  # as left by a kill during a save
+    interrupted.mkdir(parents=True)
+    (interrupted / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    second = train(load_config(CONFIG, _overrides(clip, split, *common)), resume=True)
+    assert second["step"] == 4 and second["steps_this_run"] == 2
+    steps = [r["step"] for r in _train_log(split) if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+    assert not interrupted.parent.exists()
+    assert "d_loss" in _train_log(split)[-1]  # the discriminator ran after resuming
+    for name in ("vae", "disc"):
+        a = torch.load(straight / "checkpoints/step_00000004" / name / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+        b = torch.load(split / "checkpoints/step_00000004" / name / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{name}.{k}")
+    ema_a, ema_b = load_file(straight / "vae.safetensors"), load_file(split / "vae.safetensors")
+    for k in ema_a:
+        torch.testing.assert_close(ema_a[k], ema_b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(clip, tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(load_config(CONFIG, _overrides(clip, tmp_path / "empty", "max_steps=2")), resume=True)
+
+
+def test_bad_runs_fail_early_with_clear_errors(clip, tmp_path):
+    done = tmp_path / "done"
+    (done / "checkpoints").mkdir(parents=True)
+    (done / "checkpoints" / "latest").write_text("step_00000002")
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(load_config(CONFIG, _overrides(clip, done, "max_steps=2")))
+    with pytest.raises(ConfigError, match="not 1 \\+ k\\*4"):
+        train(load_config(CONFIG, _overrides(clip, tmp_path / "r1", "data.num_frames=6")))
+    with pytest.raises(ValueError, match="no such file or folder"):
+        train(load_config(CONFIG, _overrides(clip, tmp_path / "r2", f"data.paths=[{tmp_path}/missing]")))

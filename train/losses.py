@@ -1,0 +1,129 @@
+"""Training losses of the VAE and the discriminator.
+
+All videos are NCTHW in [-1, 1]. Every function returns scalars; :class:`VAELoss` returns the total
+plus a dict of detached terms for logging (``recon``, ``lpips``, ``kl``, ``gan``, ``gan_weight``, and
+whatever a model-specific hook adds).
+
+Model-specific terms: a model may define ``training_losses(x, recon, posterior) -> dict[str, Tensor]``
+(already weighted scalars), or a function can be registered for its family in :data:`EXTRA_LOSSES`;
+each returned term is added to the total and logged under its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LossConfig
+
+# family name -> fn(model, x, recon, posterior) -> {name: weighted scalar}
+EXTRA_LOSSES: dict[str, Callable[..., dict[str, Tensor]]] = {}
+
+
+def recon_loss(x: Tensor, recon: Tensor, kind: str = "l1", eps: float = 1e-3) -> Tensor:
+    """Mean L1 or Charbonnier (sqrt(d^2 + eps^2) - eps) distance."""
+    d = recon.float() - x.float()
+    if kind == "l1":
+        return d.abs().mean()
+    if kind == "charbonnier":
+        return (d.pow(2) + eps * eps).sqrt().sub(eps).mean()
+    raise ValueError(f"unknown reconstruction loss {kind!r}; use l1 or charbonnier")
+
+
+def kl_loss(posterior) -> Tensor:
+    """KL to N(0, I) summed over the latent, averaged over the batch."""
+    return posterior.kl().mean()
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def hinge_g_loss(logits_fake: Tensor) -> Tensor:
+    return -logits_fake.mean()
+
+
+def adaptive_weight(nll: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
+    """||grad nll|| / ||grad g_loss|| at the decoder's last layer (Esser et al., taming), detached."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    w = nll_grad.norm() / (g_grad.norm() + 1e-4)
+    return w.clamp(0.0, max_weight).detach()
+
+
+def model_terms(model: nn.Module, x: Tensor, recon: Tensor, posterior) -> dict[str, Tensor]:
+    """The model-specific hook (see the module docstring); ``{}`` for plain VAEs."""
+    hook = getattr(model, "training_losses", None)
+    if callable(hook):
+        return dict(hook(x, recon, posterior))
+    fn = EXTRA_LOSSES.get(getattr(model, "family", ""))
+    return dict(fn(model, x, recon, posterior)) if fn is not None else {}
+
+
+class VAELoss(nn.Module):
+    """Generator-side loss: recon + lpips + kl + adaptive-weighted hinge GAN + model terms."""
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.lpips = None
+        if cfg.lpips_weight > 0:
+            from .lpips import LPIPS
+
+            self.lpips = LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_lin)
+
+    def nll(self, x: Tensor, recon: Tensor, terms: dict[str, Tensor] | None = None) -> Tensor:
+        """Weighted reconstruction (+ LPIPS) loss; fills ``terms`` with the unweighted parts."""
+        from .lpips import lpips_video
+
+        cfg = self.cfg
+        rec = recon_loss(x, recon, cfg.recon, cfg.charbonnier_eps)
+        out = cfg.recon_weight * rec
+        if terms is not None:
+            terms["recon"] = rec
+        if self.lpips is not None:
+            lp = lpips_video(self.lpips, x.float(), recon.float())
+            out = out + cfg.lpips_weight * lp
+            if terms is not None:
+                terms["lpips"] = lp
+        return out
+
+    def forward(self, model: nn.Module, x: Tensor, recon: Tensor, posterior, disc: nn.Module | None,
+                replay: Callable[[], tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, dict[str, float]]:
+        """``disc`` is None before ``disc_start``. ``replay()`` re-runs only the decoder's last layer on
+        its (detached) input and returns ``(recon_again, last_layer_weight)``: the adaptive GAN weight
+        takes its gradient norms on that small separate graph, so the main graph (and any hooks a
+        training engine put on its outputs) sees exactly one backward. Returns (total, terms)."""
+        cfg = self.cfg
+        terms: dict[str, Tensor] = {}
+        nll = self.nll(x, recon, terms)
+        kl = kl_loss(posterior)
+        terms["kl"] = kl
+        total = nll + cfg.kl_weight * kl
+        if disc is not None and cfg.disc_weight > 0:
+            g = hinge_g_loss(disc(recon))
+            if replay is not None:
+                again, weight = replay()
+                w = adaptive_weight(self.nll(x, again), hinge_g_loss(disc(again)), weight, cfg.adaptive_weight_max)
+            else:
+                w = torch.tensor(1.0)
+            terms["gan"] = g
+            terms["gan_weight"] = w
+            total = total + cfg.disc_weight * w * g
+        for name, value in model_terms(model, x, recon, posterior).items():
+            terms[name] = value
+            total = total + value
+        terms["total"] = total
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def disc_loss(disc: nn.Module, x: Tensor, recon: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Hinge loss of the discriminator on real ``x`` vs detached ``recon`` (one forward over both, so a
+    training engine sees one forward per backward; the discriminator has no batch statistics)."""
+    real, fake = disc(torch.cat([x.detach(), recon.detach().to(x.dtype)])).chunk(2)
+    loss = hinge_d_loss(real, fake)
+    return loss, {"d_loss": float(loss.detach()), "logits_real": float(real.detach().mean()),
+                  "logits_fake": float(fake.detach().mean())}
