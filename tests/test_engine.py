@@ -47,7 +47,7 @@ def tiny_rms():
 
 @pytest.mark.parametrize("frames", [1, 5, 17, 33, 65])
 def test_chunked_encode_and_decode_equal_whole_clip(tiny, frames):
-    x = to_model_range(synthetic_video(frames, 24, 32, seed=frames))
+    x = to_model_range(synthetic_video(frames, 16, 24, seed=frames))
     with torch.no_grad():
         whole = tiny.encode(x).mean
         decoded = tiny.decode(whole)
@@ -59,11 +59,11 @@ def test_chunked_encode_and_decode_equal_whole_clip(tiny, frames):
 
 
 def test_halo_tiling_is_exact_without_per_tile_statistics(tiny_rms):
-    x = to_model_range(synthetic_video(5, 96, 136, seed=2))
+    x = to_model_range(synthetic_video(5, 64, 88, seed=2))
     with torch.no_grad():
         whole = tiny_rms.encode(x).mean
         decoded = tiny_rms.decode(whole)
-    for tile in (32, 48):
+    for tile in (32,):
         tiled_latent = encode_tensor(tiny_rms, x, chunk_frames=4, tile=tile).mean
         torch.testing.assert_close(tiled_latent, whole, atol=1e-5, rtol=0)
         tiled = decode_tensor(tiny_rms, whole, chunk_frames=4, tile=tile)
@@ -95,7 +95,7 @@ def test_group_norm_tiling_blends_without_seams(tiny):
 
 def test_exact_tile_norm_gives_the_untiled_result_for_group_norm_models(tiny):
     """With whole-frame statistics exchanged between tiles, GroupNorm + attention tiles exactly."""
-    x = to_model_range(synthetic_video(5, 64, 80, seed=6))
+    x = to_model_range(synthetic_video(5, 48, 64, seed=6))
     with torch.no_grad():
         whole = tiny.encode(x).mean
         decoded = tiny.decode(whole)

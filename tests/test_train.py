@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+from videovae.checkpoint import load_checkpoint
+from videovae.cli import main as cli_main
+from videovae.synthetic import write_synthetic_video
 from videovae.train.config import ConfigError, deepspeed_config, load_config
 from videovae.train.data import ClipDataset
 from videovae.train.discriminator import PatchDiscriminator3D
 from videovae.train.losses import adaptive_weight, hinge_d_loss, recon_loss
 from videovae.train.lpips import LPIPS, LPIPSWeightsError, lpips_video
 from videovae.train.vae import lr_factor, train
-
-from videovae.checkpoint import load_checkpoint
-from videovae.cli import main as cli_main
-from videovae.synthetic import write_synthetic_video
 
 CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_demo.yaml"
 

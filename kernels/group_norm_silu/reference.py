@@ -58,7 +58,7 @@ def _per_frame(x, weight, bias, num_groups, eps, silu):
     """
     n, c, t, h, w = x.shape
     g, cg = num_groups, c // num_groups
-    var, mean = torch.var_mean(x.view(n, g, cg, t, h * w).float(), dim=(2, 4), keepdim=True, correction=0)
+    var, mean = torch.var_mean(x.reshape(n, g, cg, t, h * w).float(), dim=(2, 4), keepdim=True, correction=0)
     rstd = torch.rsqrt(var + eps).expand(n, g, cg, t, 1).reshape(n, c, t, 1, 1)
     mean = mean.expand(n, g, cg, t, 1).reshape(n, c, t, 1, 1)
     scale = rstd if weight is None else rstd * weight.float().view(1, c, 1, 1, 1)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from videovae.kernels.causal_pad3d.reference import causal_pad3d_ref
 from videovae.kernels.group_norm_silu.reference import group_norm_silu_ref
 from videovae.kernels.rms_norm_silu.reference import rms_norm_silu_ref
