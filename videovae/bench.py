@@ -37,6 +37,8 @@ def _worker(argv: list[str]) -> None:
     p.add_argument("--model")
     p.add_argument("--weights")
     p.add_argument("--chunk-frames", type=int)
+    p.add_argument("--tiling")
+    p.add_argument("--tile-norm")
     p.add_argument("--tile", type=int)
     p.add_argument("--device")
     p.add_argument("--dtype")
@@ -45,7 +47,8 @@ def _worker(argv: list[str]) -> None:
     torch.manual_seed(0)
     model = load_checkpoint(a.weights, a.device, dtype) if a.weights else from_preset(a.model).to(a.device, dtype)
     model.eval()
-    opts = EngineOptions(chunk_frames=a.chunk_frames, tile=a.tile, device=a.device, dtype=dtype)
+    opts = EngineOptions(chunk_frames=a.chunk_frames, tile=a.tile, tiling=a.tiling, tile_norm=a.tile_norm,
+                         device=a.device, dtype=dtype)
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     baseline = _peak_bytes(a.device)
@@ -79,6 +82,7 @@ def run_bench(args) -> list[dict]:
         for direction in ("encode", "decode"):
             cmd = [sys.executable, "-m", "videovae.bench", "--direction", direction, "--frames", str(frames),
                    "--size", str(args.size), *model_args, "--chunk-frames", str(chunk), "--tile", str(tile),
+                   "--tiling", args.tiling, "--tile-norm", args.tile_norm,
                    "--device", args.device, "--dtype", {"fp32": "float32", "bf16": "bfloat16",
                                                         "fp16": "float16"}.get(args.dtype, args.dtype)]
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -86,7 +90,8 @@ def run_bench(args) -> list[dict]:
                 raise RuntimeError(f"bench worker failed ({direction}, {frames} frames): {done.stderr.strip()[-2000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     name = args.weights or args.model or "tiny"
-    print(f"videovae bench: {name}, {args.size}x{args.size}, chunk {chunk} frames, tile {tile or 'off'}, "
+    print(f"videovae bench: {name}, {args.size}x{args.size}, chunk {chunk} frames, tile {tile or 'off'} "
+          f"({args.tiling} tiling, {args.tile_norm} norm statistics), "
           f"{args.device} {args.dtype}")
     print(f"{'frames':>7} {'encode fps':>11} {'encode peak MiB':>16} {'decode fps':>11} {'decode peak MiB':>16}")
     for i, frames in enumerate(lengths):

@@ -16,7 +16,6 @@ Causal state is explicit. Every module that looks back in time takes ``cache`` a
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -489,7 +488,3 @@ class PixelShuffleUpsample(_FirstChunkAware):
         if starts_clip and st > 1:
             y = y[:, :, st - 1 :]
         return y, cache
-
-
-def time_factor_of(temporal: list[bool]) -> int:
-    return int(math.prod(2 if t else 1 for t in temporal))
