@@ -485,9 +485,12 @@ def parse_size(text: str) -> int:
 _LIVE_TENSORS = 5
 
 
-def estimate_peak_bytes(model, chunk_frames: int, tile_h: int, tile_w: int, dtype: torch.dtype) -> int:
-    """Rough peak activation memory of decoding (the larger of encode/decode) one chunk of
-    ``1 + chunk_frames`` video frames on a tile of ``tile_h`` x ``tile_w`` pixels, plus weights."""
+def estimate_peak_bytes(
+    model, chunk_frames: int, tile_h: int, tile_w: int, dtype: torch.dtype, frame_h: int, frame_w: int
+) -> int:
+    """Rough peak memory of encoding or decoding one chunk of ``1 + chunk_frames`` video frames:
+    the tiled part on a ``tile_h`` x ``tile_w`` tile, the untiled latent-resolution part (mid blocks
+    with attention) on the whole ``frame_h`` x ``frame_w`` frame, the output canvas and the weights."""
     cfg = model.config
     item = torch.empty((), dtype=dtype).element_size()
     frames = 1 + chunk_frames
@@ -501,12 +504,11 @@ def estimate_peak_bytes(model, chunk_frames: int, tile_h: int, tile_w: int, dtyp
             h, w = h // 2, w // 2
             if cfg.temporal_down[i]:
                 t = 1 + (t - 1) // 2
-        # attention materialises (h*w)^2 scores per frame at the lowest level
-    if cfg.attention:
-        peak = max(peak, t * (h * w) ** 2 * item * 2)
+    latent_pixels = (frame_h // model.space_factor) * (frame_w // model.space_factor)
+    untiled = _LIVE_TENSORS * cfg.base_channels * cfg.channel_mult[-1] * t * latent_pixels * item
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    canvas = 3 * frames * tile_h * tile_w * 4 * 2
-    return peak + weights + canvas
+    canvas = 3 * frames * frame_h * frame_w * 4 * 2  # float32 canvas of the whole frame + its uint8/normalised copy
+    return max(peak, untiled) + weights + canvas
 
 
 def plan_for_budget(model, height: int, width: int, budget: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -519,9 +521,9 @@ def plan_for_budget(model, height: int, width: int, budget: int, dtype: torch.dt
         th, tw = (height, width) if tile == 0 else (min(tile, height), min(tile, width))
         th, tw = th + (-th % sf), tw + (-tw % sf)
         for chunk in chunks:
-            if estimate_peak_bytes(model, chunk, th, tw, dtype) <= budget:
+            if estimate_peak_bytes(model, chunk, th, tw, dtype, height, width) <= budget:
                 return chunk, tile
-    need = estimate_peak_bytes(model, chunks[-1], min(64, height), min(64, width), dtype)
+    need = estimate_peak_bytes(model, chunks[-1], min(64, height), min(64, width), dtype, height, width)
     raise MemoryBudgetError(
         f"{height}x{width} video does not fit a memory budget of {budget / 2**20:.0f} MiB "
         f"(the smallest chunk and tile need about {need / 2**20:.0f} MiB)"

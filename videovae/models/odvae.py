@@ -476,6 +476,16 @@ def _tiled_2d(fn, x: Tensor, tile_in: int, tile_out: int, overlap: float) -> Ten
     return torch.cat(out_rows, dim=3)
 
 
+def _official_windows(fn, x: Tensor, window: int, in_tile: int, out_tile: int, overlap: float) -> Tensor:
+    """Run ``fn`` over the official temporal windows of ``x``, each spatially tiled and blended;
+    later windows drop their first output frame (their overlap with the previous window)."""
+    parts = []
+    for index, (a, b) in enumerate(official_windows(x.shape[2], window)):
+        out = _tiled_2d(fn, x[:, :, a:b], in_tile, out_tile, overlap)
+        parts.append(out if index == 0 else out[:, :, 1:])
+    return torch.cat(parts, dim=2)
+
+
 @torch.no_grad()
 def official_tiled_encode(model: CausalVAE, x: Tensor, tiling: OfficialTiling) -> Tensor:
     """Encode NCTHW video in [-1, 1] as the official ``encode`` with ``use_tiling`` on: whole clip
@@ -483,17 +493,13 @@ def official_tiled_encode(model: CausalVAE, x: Tensor, tiling: OfficialTiling) -
     latent), each spatially tiled and blended. Returns the raw moments (N, 2z, T', h, w); clamp
     the logvar with ``model.posterior``. Window and tile statistics are independent."""
     t, h, w = x.shape[2:]
+
+    def encode(clip: Tensor) -> Tensor:
+        return model.encode_chunk(clip, None)[0]
+
     if not (w > tiling.sample_size or h > tiling.sample_size or t > tiling.sample_frames):
-        return model.encode_chunk(x, None)[0]
-
-    def tile_fn(tile: Tensor) -> Tensor:
-        return model.encode_chunk(tile, None)[0]
-
-    parts = []
-    for index, (a, b) in enumerate(official_windows(t, tiling.sample_frames)):
-        moments = _tiled_2d(tile_fn, x[:, :, a:b], tiling.sample_size, tiling.latent_size, tiling.overlap)
-        parts.append(moments if index == 0 else moments[:, :, 1:])
-    return torch.cat(parts, dim=2)
+        return encode(x)
+    return _official_windows(encode, x, tiling.sample_frames, tiling.sample_size, tiling.latent_size, tiling.overlap)
 
 
 @torch.no_grad()
@@ -502,17 +508,13 @@ def official_tiled_decode(model: CausalVAE, z: Tensor, tiling: OfficialTiling) -
     of ``latent_frames``, later windows drop their first output frame; spatial tiles of
     ``latent_size`` blended over ``int(sample_size * overlap)`` pixels). Returns NCTHW, unclamped."""
     t, h, w = z.shape[2:]
+
+    def decode(latent: Tensor) -> Tensor:
+        return model.decode_chunk(latent, None)[0]
+
     if not (w > tiling.latent_size or h > tiling.latent_size or t > tiling.latent_frames):
-        return model.decode_chunk(z, None)[0]
-
-    def tile_fn(tile: Tensor) -> Tensor:
-        return model.decode_chunk(tile, None)[0]
-
-    parts = []
-    for index, (a, b) in enumerate(official_windows(t, tiling.latent_frames)):
-        frames = _tiled_2d(tile_fn, z[:, :, a:b], tiling.latent_size, tiling.sample_size, tiling.overlap)
-        parts.append(frames if index == 0 else frames[:, :, 1:])
-    return torch.cat(parts, dim=2)
+        return decode(z)
+    return _official_windows(decode, z, tiling.latent_frames, tiling.latent_size, tiling.sample_size, tiling.overlap)
 
 
 # --- initialisation from a 2D image VAE ---------------------------------------------------------------
