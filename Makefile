@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.videovae-installed
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo demo-train lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
+	$(PY) -m videovae.demo
+
+demo-train: $(STAMP)
 	$(PY) -m videovae.train.demo
 
 clean:

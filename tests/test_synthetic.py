@@ -60,3 +60,20 @@ def test_write_synthetic_video(tmp_path):
     assert (info.width, info.height, info.fps) == (48, 32, 30.0)
     frames, _ = read_video(path)
     assert torch.equal(frames, synthetic_video(6, 32, 48, seed=2, fps=30))
+
+
+def test_camera_motion_over_a_photo():
+    from videovae.synthetic import camera_motion_video
+
+    photo = synthetic_video(1, 120, 160, seed=8)[0]
+    a = camera_motion_video(photo, 9, 48, 64, seed=1)
+    assert a.shape == (9, 48, 64, 3) and a.dtype == torch.uint8
+    assert torch.equal(a, camera_motion_video(photo, 9, 48, 64, seed=1))
+    assert not torch.equal(a, camera_motion_video(photo, 9, 48, 64, seed=2))
+    steps = (a[1:].float() - a[:-1].float()).abs().mean(dim=(1, 2, 3))
+    assert (steps > 0.05).all()  # the camera moves in every frame
+    assert a.float().std() > 10  # real content, not a flat frame
+    with pytest.raises(ValueError, match="uint8"):
+        camera_motion_video(photo.float(), 9, 48, 64)
+    with pytest.raises(ValueError, match="num_frames"):
+        camera_motion_video(photo, 0, 48, 64)

@@ -222,3 +222,46 @@ def test_bad_runs_fail_early_with_clear_errors(clip, tmp_path):
         train(load_config(CONFIG, _overrides(clip, tmp_path / "r1", "data.num_frames=6")))
     with pytest.raises(ValueError, match="no such file or folder"):
         train(load_config(CONFIG, _overrides(clip, tmp_path / "r2", f"data.paths=[{tmp_path}/missing]")))
+
+
+def test_torch_engine_trains_like_deepspeed_and_resumes(clip, tmp_path):
+    """engine=torch (plain PyTorch, one process) follows the same steps as the DeepSpeed engine, and
+    4 steps == 2 steps + resume + 2 steps. (Gradient clipping is off: under gradient accumulation
+    DeepSpeed's clipping differs from torch's clip_grad_norm_ in the last digits.)"""
+    common = ("max_steps=4", "loss.disc_start=2", "loss.disc_weight=0.5", "save_every=100", "val_every=100",
+              "val_clips=0", "deepspeed.grad_accum=2", "optim.grad_clip=0")
+    ds = train(load_config(CONFIG, _overrides(clip, tmp_path / "ds", *common, "engine=deepspeed")))
+    straight = train(load_config(CONFIG, _overrides(clip, tmp_path / "torch", *common, "engine=torch")))
+    assert ds["engine"] == "deepspeed" and straight["engine"] == "torch"
+    first = train(load_config(CONFIG, _overrides(clip, tmp_path / "split", *common, "engine=torch", "run_steps=2")))
+    assert first["step"] == 2
+    second = train(load_config(CONFIG, _overrides(clip, tmp_path / "split", *common, "engine=torch")), resume=True)
+    assert second["step"] == 4 and second["steps_this_run"] == 2
+    assert "d_loss" in _train_log(tmp_path / "split")[-1]
+    reference = load_file(tmp_path / "ds" / "vae.safetensors")
+    for run in ("torch", "split"):
+        weights = load_file(tmp_path / run / "vae.safetensors")
+        for k in reference:
+            torch.testing.assert_close(weights[k], reference[k], rtol=1e-4, atol=1e-5, msg=f"{run}: {k}")
+    with pytest.raises(ConfigError, match="engine"):
+        train(load_config(CONFIG, _overrides(clip, tmp_path / "split", *common, "engine=deepspeed")), resume=True)
+    with pytest.raises(ConfigError, match="engine=torch"):
+        load_config(CONFIG, _overrides(clip, tmp_path / "x", "engine=torch", "deepspeed.precision=fp16"))
+
+
+def test_validation_on_held_out_media(clip, tmp_path):
+    held_out = tmp_path / "held_out.mp4"
+    write_synthetic_video(held_out, 5, 32, 32, seed=9, crf=10)
+    run_dir = tmp_path / "run"
+    train(load_config(CONFIG, _overrides(clip, run_dir, "max_steps=1", "engine=torch", f"data.val_paths=[{held_out}]",
+                                         "loss.disc_start=100")))
+    from videovae.io import VideoReader, to_model_range
+    from videovae.metrics import psnr
+
+    with VideoReader(held_out) as reader:
+        x = to_model_range(reader.read_all())
+    model = load_checkpoint(run_dir / "vae.safetensors")
+    with torch.no_grad():
+        expected = psnr(x, model(x, sample=False)[0].clamp(-1, 1)).clamp(max=100).mean().item()
+    val = [r for r in _train_log(run_dir) if r["kind"] == "val"]
+    assert val and val[-1]["psnr"] == pytest.approx(expected, abs=1e-3)

@@ -34,6 +34,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)  # folders, video/image files, or .txt list files
+    val_paths: list[str] = field(default_factory=list)  # held-out media for validation (empty: draw from paths)
     num_frames: int = 9  # clip length, must be 1 + k * time_factor of the model
     size: int = 64  # square training crop, a multiple of the model's space_factor
     max_stride: int = 2  # temporal stride drawn uniformly from 1..max_stride (clamped to the video)
@@ -104,6 +105,8 @@ class TrainConfig:
     export_ema: bool = True
     progress: bool = True
     threads: int = 0  # CPU threads per rank; 0 = auto: idle cores / ranks on this node (OMP_NUM_THREADS wins)
+    # deepspeed; torch (one process, needs only torch: fp32 or bf16 autocast); auto = deepspeed when installed
+    engine: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -261,6 +264,10 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"deepspeed.precision must be fp32, bf16 or fp16, got {ds.precision!r}")
     if ds.grad_accum < 1:
         problems.append("deepspeed.grad_accum must be >= 1")
+    if cfg.engine not in ("auto", "deepspeed", "torch"):
+        problems.append(f"engine must be auto, deepspeed or torch, got {cfg.engine!r}")
+    if cfg.engine == "torch" and (ds.precision == "fp16" or ds.zero_stage != 0):
+        problems.append("engine=torch trains fp32 or bf16 with deepspeed.zero_stage=0 (fp16 and ZeRO need deepspeed)")
     if lo.recon not in ("l1", "charbonnier"):
         problems.append(f"loss.recon must be l1 or charbonnier, got {lo.recon!r}")
     if d.backend not in ("auto", "pyav", "decord"):

@@ -26,10 +26,12 @@ import argparse
 import contextlib
 import copy
 import csv
+import importlib.util
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import socket
@@ -93,19 +95,27 @@ def last_layer_replay(vae: torch.nn.Module):
 
     def replay() -> tuple[torch.Tensor, torch.Tensor]:
         out = layer(captured["x"].detach())
-        return (out[0] if isinstance(out, tuple) else out), vae.decoder.last_layer_weight()
+        out = vae.decoder.unpatchify(out[0] if isinstance(out, tuple) else out)
+        return out, vae.decoder.last_layer_weight()
 
     return replay
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors and plain Python values (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      gauss],
+            "python": [version, list(internal), gauss_next]}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def seed_everything(seed: int) -> None:
@@ -150,11 +160,25 @@ def cpu_threads(requested: int, local_ranks: int) -> int:
     return max(1, min(cores, int(idle + 0.5)) // max(1, local_ranks))
 
 
-def setup_distributed(threads: int = 0) -> tuple[int, int]:
+def resolve_engine(requested: str) -> str:
+    """``auto`` -> ``deepspeed`` when it is installed, else ``torch`` (one process, plain PyTorch)."""
+    if requested != "auto":
+        return requested
+    return "deepspeed" if importlib.util.find_spec("deepspeed") is not None else "torch"
+
+
+def setup_distributed(threads: int = 0, engine: str = "deepspeed") -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed; a plain process becomes rank 0 of 1.
 
-    Without CUDA the DeepSpeed CPU accelerator is used (``DS_ACCELERATOR=cpu``). Returns (rank, world).
+    Without CUDA the DeepSpeed CPU accelerator is used (``DS_ACCELERATOR=cpu``). With ``engine ==
+    "torch"`` nothing distributed is started (one process only). Returns (rank, world).
     """
+    if engine == "torch":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("engine=torch runs one process; launch several ranks with engine=deepspeed")
+        if threads > 0 or "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(cpu_threads(threads, 1))
+        return 0, 1
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:
@@ -173,18 +197,96 @@ def setup_distributed(threads: int = 0) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 
-    dist.barrier()
+    if _distributed():
+        dist.barrier()
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
     import torch.distributed as dist
 
+    if not _distributed():
+        return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)  # NCCL needs device tensors
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+class TorchEngine:
+    """One-process training engine in plain PyTorch with the calls the loop makes of a DeepSpeed
+    engine (forward, ``backward``, ``step``, ``get_lr``, ``save_checkpoint``, ``load_checkpoint``),
+    so the same loop, loss and exported checkpoint work where DeepSpeed is not installed.
+
+    Gradient accumulation, clipping and the scheduler step follow DeepSpeed's semantics: the loss is
+    divided by ``grad_accum`` and the optimizer steps on every ``grad_accum``-th ``step()``. ``bf16``
+    runs the forward under autocast with fp32 weights (fp16 and ZeRO need DeepSpeed).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler, *, grad_accum: int, grad_clip: float,
+                 bf16: bool, device: torch.device):
+        self.module = model.to(device)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.grad_accum, self.grad_clip, self.bf16, self.device = grad_accum, grad_clip, bf16, device
+        self.micro_steps = 0
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum:
+            return
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> None:
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps, "client": client_state}
+        torch.save(state, folder / "engine_state.pt")
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str | None, dict]:
+        path = Path(load_dir) / tag / "engine_state.pt"
+        if not path.is_file():
+            return None, {}
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro_steps = int(state["micro_steps"])
+        return str(path), state["client"]
+
+
+def make_engine(kind: str, cfg: TrainConfig, world: int, model: torch.nn.Module, optimizer, scheduler):
+    """A DeepSpeed engine (config dict built from ``cfg``) or a :class:`TorchEngine`."""
+    if kind == "torch":
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return TorchEngine(model, optimizer, scheduler, grad_accum=cfg.deepspeed.grad_accum,
+                           grad_clip=cfg.optim.grad_clip, bf16=cfg.deepspeed.precision == "bf16", device=device)
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world))
+    return engine
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
@@ -201,17 +303,18 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag
 
 
-def run_layout(cfg: TrainConfig, world: int) -> dict:
-    """What a DeepSpeed checkpoint's file layout depends on: resuming needs the same values."""
+def run_layout(cfg: TrainConfig, world: int, engine: str) -> dict:
+    """What a checkpoint's file layout depends on: resuming needs the same values."""
     return {"world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
-            "preset": cfg.model.preset}
+            "preset": cfg.model.preset, "engine": engine}
 
 
 def check_layout(ckpt: Path, saved: dict, current: dict) -> None:
     diff = [f"{k} {saved[k]!r} -> {current[k]!r}" for k in current if k in saved and saved[k] != current[k]]
     if diff:
         raise ConfigError(f"{ckpt}: cannot resume a checkpoint written with different settings ({'; '.join(diff)}); "
-                          "keep world size, deepspeed.zero_stage, deepspeed.precision and model.preset unchanged")
+                          "keep world size, deepspeed.zero_stage, deepspeed.precision, model.preset and engine "
+                          "unchanged")
 
 
 def save_training_state(ckpt_dir: Path, step: int, engines: dict, ema, counters: dict, rank: int, keep: int,
@@ -259,7 +362,11 @@ def load_training_state(ckpt_dir: Path, tag: str, engines: dict, ema, rank: int,
         ema.load_state_dict(client["ema"])
     rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        except pickle.UnpicklingError:
+            # written before RNG states were stored as plain values; never unpickle arbitrary objects
+            log.warning("%s: RNG state in an older format; continuing with fresh RNG", rng_file)
     else:
         log.warning("%s: no RNG state for rank %d (world size changed?); continuing with fresh RNG", tag, rank)
     return {"step": int(client["step"]), "samples": int(client["samples"])}
@@ -334,13 +441,13 @@ class RunLog:
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run (or resume) training; returns a summary dict (also in ``run_dir/summary.json`` on rank 0)."""
-    rank, world = setup_distributed(cfg.threads)
-    import deepspeed
-
+    engine_kind = resolve_engine(cfg.engine)
+    rank, world = setup_distributed(cfg.threads, engine_kind)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     is_main = rank == 0
-    dtype = _DTYPES[cfg.deepspeed.precision]
+    # DeepSpeed casts the model to the training precision; the torch engine keeps fp32 weights (autocast)
+    dtype = _DTYPES[cfg.deepspeed.precision] if engine_kind == "deepspeed" else torch.float32
 
     if resume and latest_tag(ckpt_dir) is None:
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
@@ -372,9 +479,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     d_total = max(1, cfg.max_steps - cfg.loss.disc_start)
     d_sched = torch.optim.lr_scheduler.LambdaLR(
         d_opt, lambda s: lr_factor(s, min(o.warmup_steps, d_total // 2), d_total, o.min_lr_ratio))
-    ds_cfg = deepspeed_config(cfg, world)
-    vae_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
-    disc_engine, _, _, _ = deepspeed.initialize(model=disc, optimizer=d_opt, lr_scheduler=d_sched, config=ds_cfg)
+    vae_engine = make_engine(engine_kind, cfg, world, model, opt, sched)
+    disc_engine = make_engine(engine_kind, cfg, world, disc, d_opt, d_sched)
     engines = {"vae": vae_engine, "disc": disc_engine}
     vae, dnet = vae_engine.module, disc_engine.module
     device = vae_engine.device
@@ -393,13 +499,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         tag = latest_tag(ckpt_dir)
         if tag is None:
             raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
-        counters = load_training_state(ckpt_dir, tag, engines, ema, rank, run_layout(cfg, world))
+        counters = load_training_state(ckpt_dir, tag, engines, ema, rank, run_layout(cfg, world, engine_kind))
         if is_main:
             log.info("resumed from %s at step %d", ckpt_dir / tag, counters["step"])
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
 
-    val_clips = dataset.validation_clips(cfg.val_clips) if is_main and cfg.val_clips else []
+    val_source = dataset
+    if d.val_paths:
+        val_source = ClipDataset(d.val_paths, num_frames=d.num_frames, size=d.size, max_stride=d.max_stride,
+                                 crop_scale_min=d.crop_scale_min, batch_size=1, seed=cfg.seed, backend=d.backend,
+                                 decode_short_side=d.decode_short_side, cache_mb=0,
+                                 max_video_frames=d.max_video_frames)
+    val_clips = val_source.validation_clips(cfg.val_clips) if is_main and cfg.val_clips else []
     batches = iter(make_loader(dataset, cfg.batch_size, counters["samples"], d.num_workers))
     runlog = RunLog(run_dir, is_main)
     if is_main:
@@ -460,7 +572,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             bar.write(f"step {step}: val PSNR {last_val['psnr']:.2f} dB, SSIM {last_val['ssim']:.4f}")
         if step % cfg.save_every == 0 or final:
             save_training_state(ckpt_dir, step, engines, ema, dict(counters), rank, cfg.keep_checkpoints,
-                                run_layout(cfg, world))
+                                run_layout(cfg, world, engine_kind))
             if is_main:
                 export_model(ema if (ema is not None and cfg.export_ema) else vae, run_dir / "vae.safetensors",
                              cfg, step)
@@ -472,6 +584,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     wall = time.time() - t_start
     rate = samples_per_step * max(0, done - 1) / max(1e-9, time.time() - t_first) if t_first else 0.0
     summary = {"step": counters["step"], "samples_per_rank": counters["samples"], "world_size": world,
+               "engine": engine_kind,
                "threads_per_rank": torch.get_num_threads(),
                "steps_this_run": done, "wall_s": wall, "samples_per_s": rate, "last_terms": last_terms,
                "val": last_val, "export": str(run_dir / "vae.safetensors"),

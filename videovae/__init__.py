@@ -10,11 +10,16 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path, device="cpu", dtype=None):
-    """Load a videovae checkpoint (safetensors with its config in the metadata)."""
-    from videovae.checkpoint import load_checkpoint
+def load(path=None, device="cpu", dtype=None):
+    """Load a videovae checkpoint (safetensors with its config in the metadata).
 
-    return load_checkpoint(path, device=device, dtype=dtype)
+    ``path=None`` loads the shipped default model (``vv-s16``, weights inside the package); a shipped
+    model's name (see ``videovae models``) loads that model.
+    """
+    from videovae.checkpoint import load_checkpoint
+    from videovae.shipped import resolve_weights
+
+    return load_checkpoint(resolve_weights(path)[0], device=device, dtype=dtype)
 
 
 def from_preset(name: str):

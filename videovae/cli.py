@@ -31,10 +31,12 @@ from videovae.fileutil import atomic_path
 from videovae.io import VideoIOError, VideoReader, VideoWriter, probe
 from videovae.latents import LatentFileError, LatentMeta, check_model_matches, load_latents, save_latents
 from videovae.models import PRESETS, from_preset
+from videovae.shipped import DEFAULT_MODEL, SHIPPED, resolve_weights, shipped_name_of
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 READ_CHUNK = 16
+WEIGHTS_HELP = f"checkpoint, or a shipped model's name (default: the shipped model {DEFAULT_MODEL})"
 
 USER_ERRORS = (VideoIOError, CheckpointError, LatentFileError, MemoryBudgetError, ValueError, FileNotFoundError,
                TypeError)
@@ -84,9 +86,13 @@ def _engine_options(args, model, height: int, width: int) -> EngineOptions:
     )
 
 
-def _load_model(args):
-    model = load_checkpoint(args.weights, device=args.device, dtype=DTYPES[args.dtype])
-    return model
+def _load_model(args, weights: str | None = None):
+    """The model of ``--weights`` (a checkpoint or a shipped model's name), else of ``weights``, else
+    the default shipped model; says once which shipped model it uses."""
+    path, shipped = resolve_weights(args.weights if args.weights is not None else weights)
+    if shipped is not None and not args.quiet:
+        print(f"videovae: using the shipped model {shipped} ({path})", file=sys.stderr)
+    return load_checkpoint(path, device=args.device, dtype=DTYPES[args.dtype])
 
 
 def _check_output_parent(path: str) -> None:
@@ -120,10 +126,15 @@ def _encode_file(args, model, path: str, sample: bool, seed: int | None):
         latent = result.sample(generator)
     else:
         latent = result.mean
+    digest = model_digest(model)
+    extra = {"chunk_frames": opts.chunk_frames, "tile": opts.tile, "tiling": opts.tiling}
+    shipped = shipped_name_of(digest)
+    if shipped is not None:
+        extra["shipped_model"] = shipped
     meta = LatentMeta(
         family=model.family,
         config=model.config.to_dict(),
-        weights_sha256=model_digest(model),
+        weights_sha256=digest,
         scaling_factor=model.config.scaling_factor,
         shift_factor=model.config.shift_factor,
         fps=info.fps,
@@ -131,7 +142,7 @@ def _encode_file(args, model, path: str, sample: bool, seed: int | None):
         dtype="float32",
         sampled=sample,
         source=os.path.basename(path),
-        extra={"chunk_frames": opts.chunk_frames, "tile": opts.tile, "tiling": opts.tiling},
+        extra=extra,
     )
     return latent, meta
 
@@ -211,7 +222,11 @@ def cmd_encode(args) -> None:
 def cmd_decode(args) -> None:
     _check_output_parent(args.output)
     latent, meta = load_latents(args.input)
-    model = _load_model(args)
+    shipped = meta.extra.get("shipped_model")
+    if args.weights is None and shipped is None:
+        raise CLIError(f"{args.input}: these latents were not made by a shipped model; pass the encoder's "
+                       "checkpoint with --weights")
+    model = _load_model(args, shipped)
     check_model_matches(meta, model, model_digest(model), args.input)
     n = _decode_to_writer(args, model, latent, meta, args.output)
     if not args.quiet:
@@ -241,7 +256,8 @@ def cmd_roundtrip(args) -> None:
 
         _decode_to_writer(args, model, latent, meta, args.output, on_frames=compare)
     metrics = accumulator.result()
-    metrics.update(input=args.input, output=args.output, weights=args.weights, latent_shape=list(latent.shape))
+    weights = args.weights if args.weights is not None else f"shipped:{DEFAULT_MODEL}"
+    metrics.update(input=args.input, output=args.output, weights=weights, latent_shape=list(latent.shape))
     if args.metrics:
         with atomic_path(args.metrics) as tmp:
             tmp.write_text(json.dumps(metrics, indent=2))
@@ -305,7 +321,9 @@ def cmd_info(args) -> None:
             latent, lmeta = load_latents(path)
             g = lmeta.geometry
             print(f"{path}: videovae latents {tuple(latent.shape)} {latent.dtype}")
-            print(f"  model: {lmeta.family}, weights sha256 {lmeta.weights_sha256[:12]}")
+            shipped = lmeta.extra.get("shipped_model")
+            print(f"  model: {lmeta.family}, weights sha256 {lmeta.weights_sha256[:12]}"
+                  + (f" (shipped model {shipped})" if shipped else ""))
             print(f"  video: {g.frames} frames {g.width}x{g.height} @ {lmeta.fps:g} fps "
                   f"(padded to {g.padded_frames} x {g.padded_width}x{g.padded_height}, {g.pad_mode})")
             print(f"  scaling {lmeta.scaling_factor:g}, shift {lmeta.shift_factor:g}, sampled: {lmeta.sampled}")
@@ -336,6 +354,8 @@ def cmd_models(args) -> None:
         notes.append("exact streaming" if cfg.exactly_streamable else "approximate streaming")
         if cfg.halo_tiling_exact:
             notes.append("exact halo tiling")
+        if name in SHIPPED:
+            notes.append("shipped weights (default model)" if name == DEFAULT_MODEL else "shipped weights")
         comp = f"{cfg.time_factor}x{cfg.space_factor}x{cfg.space_factor}"
         print(f"{name:<16} {family:<12} {comp:<12} {cfg.latent_channels:>3} {params['encoder']:>12,} "
               f"{params['decoder']:>12,}  {', '.join(notes)}")
@@ -389,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="video -> latent file")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--sample", action="store_true", help="store a posterior sample instead of the mean")
     p.add_argument("--seed", type=int, default=None, help="seed of --sample")
     _add_engine_flags(p)
@@ -398,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="latent file -> video (.mp4 H.264, .mkv lossless FFV1, or a PNG folder)")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", default=None,
+                   help="the encoder's checkpoint or shipped model name (default: the shipped model named in the "
+                        "latent file)")
     p.add_argument("--crf", type=int, default=18)
     _add_engine_flags(p, frames=False)
     p.set_defaults(func=cmd_decode)
@@ -406,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("roundtrip", help="encode and decode a video, with metrics and a preview")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--latents", default=None, help="also save the latents here")
     p.add_argument("--metrics", default=None, help="write PSNR/SSIM/flicker JSON here")
     p.add_argument("--preview", default=None, help="write a side-by-side PNG (original | reconstruction | error)")

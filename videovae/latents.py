@@ -87,12 +87,21 @@ def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, LatentMeta]:
     return latent, meta
 
 
+def _with_defaults(config: dict[str, Any], model) -> dict[str, Any]:
+    """A stored config completed with the defaults of fields added since it was written."""
+    try:
+        return model.config_class.from_dict(config).to_dict()
+    except (TypeError, ValueError):
+        return config  # not this family's config: the comparison below names the difference
+
+
 def check_model_matches(meta: LatentMeta, model, digest: str, path: str) -> None:
     """A clear error when the latents were made by another architecture or other weights."""
-    if meta.family != model.family or meta.config != model.config.to_dict():
+    stored = _with_defaults(meta.config, model)
+    if meta.family != model.family or stored != model.config.to_dict():
         diff = sorted(
-            k for k in set(meta.config) | set(model.config.to_dict())
-            if meta.config.get(k) != model.config.to_dict().get(k)
+            k for k in set(stored) | set(model.config.to_dict())
+            if stored.get(k) != model.config.to_dict().get(k)
         )
         raise LatentFileError(
             f"{path}: latents come from a different model ({meta.family}; differing config: {', '.join(diff) or '-'})"

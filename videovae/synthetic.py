@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["synthetic_frames", "synthetic_video", "write_synthetic_video"]
+__all__ = ["camera_motion_video", "synthetic_frames", "synthetic_video", "write_synthetic_video"]
 
 
 @dataclass(frozen=True)
@@ -204,3 +204,54 @@ def write_synthetic_video(
         for chunk in synthetic_frames(num_frames, height, width, seed=seed, fps=fps):
             writer.write(chunk)
     return writer.path
+
+
+def camera_motion_video(
+    image: torch.Tensor, num_frames: int, height: int, width: int, *, seed: int = 0
+) -> torch.Tensor:
+    """A clip of a virtual camera moving over a photo: ``uint8 (T, height, width, 3)``.
+
+    ``image`` is ``uint8 (H, W, 3)``. The camera pans between two random points, zooms (view scale
+    0.45-0.95 of the photo's short side, start and end drawn separately), rotates up to +-12 degrees
+    and ramps the brightness by up to +-15 %, all linearly in time with an ease-in-out profile, and
+    samples bilinearly (so every frame is a smooth warp of real content with known motion). Same
+    arguments -> identical output.
+    """
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"camera_motion_video expects uint8 (H, W, 3), got {image.dtype} {tuple(image.shape)}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    rng = np.random.default_rng(seed)
+    ih, iw = image.shape[:2]
+    aspect = width / height
+    # view half-extent in normalised image coordinates ([-1, 1] spans the image)
+    scales = rng.uniform(0.45, 0.95, size=2)
+    angles = np.deg2rad(rng.uniform(-12, 12, size=2))
+    gains = 1.0 + rng.uniform(-0.15, 0.15, size=2)
+    short = min(ih, iw)
+    half_h = scales * short / ih  # (2,) half height of the view, in units of image half-height
+    half_w = scales * short * aspect / iw
+    room_x, room_y = np.clip(1 - half_w, 0, None), np.clip(1 - half_h, 0, None)
+    cx = rng.uniform(-1, 1, size=2) * room_x
+    cy = rng.uniform(-1, 1, size=2) * room_y
+    src = image.permute(2, 0, 1).unsqueeze(0).float()
+    ys = torch.linspace(-1, 1, height).view(height, 1).expand(height, width)
+    xs = torch.linspace(-1, 1, width).view(1, width).expand(height, width)
+    out = torch.empty((num_frames, height, width, 3), dtype=torch.uint8)
+    for t in range(num_frames):
+        a = 0.0 if num_frames == 1 else t / (num_frames - 1)
+        a = 0.5 - 0.5 * np.cos(np.pi * a)  # ease in and out
+
+        def lerp(v: np.ndarray, a: float = a) -> float:
+            return float(v[0] + a * (v[1] - v[0]))
+
+        ang, hw, hh = lerp(angles), lerp(half_w), lerp(half_h)
+        # rotate the view in pixel units, then back to normalised coordinates
+        u, v = xs * hw * iw, ys * hh * ih
+        gx = (np.cos(ang) * u - np.sin(ang) * v) / iw + lerp(cx)
+        gy = (np.sin(ang) * u + np.cos(ang) * v) / ih + lerp(cy)
+        grid = torch.stack([gx, gy], dim=-1).unsqueeze(0).float()
+        frame = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="reflection",
+                                                align_corners=False)
+        out[t] = (frame[0] * lerp(gains)).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+    return out

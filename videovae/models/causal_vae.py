@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -69,6 +70,9 @@ class CausalVAEConfig:
     use_quant_conv: bool = True
     # Time kernel of the conv after a space-only upsampler (OD-VAE: 1, a per-frame 3x3 conv).
     spatial_upsample_kernel_t: int = 3
+    # Pixels folded into channels per frame before conv_in and unfolded after conv_out (p x p patches):
+    # the full-resolution level then runs at H/p x W/p, which is most of the compute saved.
+    patch_size: int = 1
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     logvar_min: float = -30.0
@@ -91,6 +95,8 @@ class CausalVAEConfig:
             problems.append(f"time_upsample must be one of {TIME_UPSAMPLES}")
         if self.spatial_upsample_kernel_t not in (1, 3):
             problems.append("spatial_upsample_kernel_t must be 1 or 3")
+        if self.patch_size < 1:
+            problems.append(f"patch_size must be >= 1, got {self.patch_size}")
         if problems:
             raise ValueError("invalid CausalVAEConfig: " + "; ".join(problems))
 
@@ -100,7 +106,7 @@ class CausalVAEConfig:
 
     @property
     def space_factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
+        return self.patch_size * 2 ** (len(self.channel_mult) - 1)
 
     @property
     def exactly_streamable(self) -> bool:
@@ -184,10 +190,12 @@ class Encoder(nn.Module):
         super().__init__()
         opts = _layer_options(cfg)
         chans = [cfg.base_channels * m for m in cfg.channel_mult]
+        self.patch_size = cfg.patch_size
+        cin = cfg.in_channels * cfg.patch_size**2
         if cfg.encoder_conv_in == "2d":
-            self.conv_in = Conv2dPerFrame(cfg.in_channels, chans[0], 3, padding=1)
+            self.conv_in = Conv2dPerFrame(cin, chans[0], 3, padding=1)
         else:
-            self.conv_in = CausalConv3d(cfg.in_channels, chans[0], 3, time_pad=cfg.time_pad)
+            self.conv_in = CausalConv3d(cin, chans[0], 3, time_pad=cfg.time_pad)
         self.down = nn.ModuleList()
         cin = chans[0]
         for i, cout in enumerate(chans):
@@ -213,6 +221,8 @@ class Encoder(nn.Module):
     def body(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
         """Full-resolution part: conv_in and the down levels -> (N, C_max, t', h, w) features."""
         ckpt = self.gradient_checkpointing and self.training and cache is None
+        if self.patch_size > 1:
+            x = rearrange(x, "n c t (h p) (w q) -> n (c p q) t h w", p=self.patch_size, q=self.patch_size)
         h = apply_conv(self.conv_in, x, cache)
         for stage in self.down:
             h = _run_blocks(stage.block, h, cache, ckpt)
@@ -247,7 +257,8 @@ class Decoder(nn.Module):
                 stage.upsample = self._make_upsample(cfg, cin, cfg.temporal_down[i - 1])
         self.up = nn.ModuleList(stages)
         self.norm_out = Norm(cfg.norm, cin, cfg.norm_groups, cfg.norm_eps)
-        self.conv_out = CausalConv3d(cin, cfg.in_channels, 3, time_pad=cfg.time_pad)
+        self.patch_size = cfg.patch_size
+        self.conv_out = CausalConv3d(cin, cfg.in_channels * cfg.patch_size**2, 3, time_pad=cfg.time_pad)
         self.gradient_checkpointing = False
 
     @staticmethod
@@ -275,7 +286,14 @@ class Decoder(nn.Module):
             h = _run_blocks(stage.block, h, cache, ckpt)
             if stage.upsample is not None:
                 h, cache = stage.upsample(h, cache)
-        return self.conv_out(self.norm_out(h, silu=True, cache=cache), cache)
+        y, cache = self.conv_out(self.norm_out(h, silu=True, cache=cache), cache)
+        return self.unpatchify(y), cache
+
+    def unpatchify(self, y: Tensor) -> Tensor:
+        """conv_out's output (N, 3 p p, T, H/p, W/p) -> (N, 3, T, H, W)."""
+        if self.patch_size == 1:
+            return y
+        return rearrange(y, "n (c p q) t h w -> n c t (h p) (w q)", p=self.patch_size, q=self.patch_size)
 
     def last_layer_weight(self) -> Tensor:
         """The weight the adaptive GAN weight takes gradient norms against."""
@@ -433,7 +451,7 @@ def _encoder_radius(cfg: CausalVAEConfig) -> float:
     """Reach of the encoder body (conv_in and down levels) in latent pixels: every 3x3 conv adds
     one pixel at its own resolution, a stride-2 conv two input pixels."""
     levels = len(cfg.channel_mult)
-    scale = float(cfg.space_factor)  # input pixels per latent pixel at the current level
+    scale = float(cfg.space_factor // cfg.patch_size)  # patches per latent pixel at the current level
     radius = 1.0 / scale  # conv_in
     for i in range(levels):
         radius += 2 * cfg.num_res_blocks / scale
@@ -483,4 +501,21 @@ PRESETS: dict[str, CausalVAEConfig] = {
     # Full size (SD/OD-VAE widths: 128 x [1, 2, 4, 4]), 4x8x8, z=4, per-frame GroupNorm and
     # nearest time upsampling: exactly streamable.
     "base": CausalVAEConfig(time_upsample="nearest"),
+    # The shipped model (weights in the package, see videovae/weights/): 4x8x8, z=16, ~4.7 M
+    # parameters. 2x2 patches folded into channels, RMSNorm, zero time padding, no attention and
+    # channel-to-space upsampling: chunked == whole clip and tiled == untiled, both exactly.
+    "vv-s16": CausalVAEConfig(
+        base_channels=24,
+        channel_mult=(1, 2, 3),
+        num_res_blocks=2,
+        decoder_res_blocks=2,
+        temporal_down=(True, True),
+        encoder_block_kinds=("3d", "3d", "3d"),
+        latent_channels=16,
+        norm="rms",
+        time_pad="zeros",
+        time_upsample="pixel_shuffle",
+        attention=False,
+        patch_size=2,
+    ),
 }

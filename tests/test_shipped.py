@@ -1,0 +1,107 @@
+"""The shipped model (vv-s16): weights in the package, defaults of ``videovae.load`` and the CLI,
+exact streaming and tiling, and reconstruction quality on real and synthetic content."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import videovae
+from videovae.checkpoint import model_digest, read_metadata
+from videovae.engine import decode_tensor, encode_tensor
+from videovae.io import to_model_range
+from videovae.metrics import video_metrics
+from videovae.models import PRESETS
+from videovae.shipped import DEFAULT_MODEL, ShippedModelError, resolve_weights, shipped_name_of, shipped_path
+from videovae.synthetic import synthetic_video
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cli import fails, run  # noqa: E402
+
+# Floors a broken or mismatched weights file cannot reach (a random init is near 10 dB); the model
+# card gives the measured values.
+SYNTHETIC_PSNR_FLOOR = 26.0
+HELD_OUT_PSNR_FLOOR = 25.0
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return videovae.load()
+
+
+def test_weights_file_is_a_small_fp16_checkpoint_of_the_preset(shipped):
+    path = shipped_path()
+    meta = read_metadata(path)
+    assert meta["family"] == "causal-vae" and meta["extra"]["shipped_model"] == DEFAULT_MODEL
+    assert shipped.config == PRESETS[DEFAULT_MODEL][1]
+    with safe_open(str(path), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert path.stat().st_size < 16 * 2**20
+    assert (path.parent / "MODEL_CARD.md").is_file()
+    assert shipped.config.exactly_streamable and shipped.config.halo_tiling_exact
+
+
+def test_load_defaults_and_names(shipped):
+    assert model_digest(videovae.load(DEFAULT_MODEL)) == model_digest(shipped)
+    assert shipped_name_of(model_digest(shipped)) == DEFAULT_MODEL
+    assert shipped_name_of("0" * 64) is None
+    assert resolve_weights("some/file.safetensors") == ("some/file.safetensors", None)
+    with pytest.raises(ShippedModelError, match="not a shipped model"):
+        shipped_path("tiny")
+
+
+def test_chunked_and_tiled_equal_whole_clip(shipped):
+    x = to_model_range(synthetic_video(17, 48, 80, seed=5))
+    with torch.no_grad():
+        whole = shipped.encode(x).mean
+        decoded = shipped.decode(whole)
+    for opts in ({"chunk_frames": 4}, {"chunk_frames": 8, "tile": 32}):
+        torch.testing.assert_close(encode_tensor(shipped, x, **opts).mean, whole, atol=2e-5, rtol=0)
+        torch.testing.assert_close(decode_tensor(shipped, whole, **opts), decoded, atol=2e-5, rtol=0)
+
+
+def test_reconstructs_unseen_synthetic_content(shipped):
+    x = to_model_range(synthetic_video(17, 128, 160, seed=31))  # training used seeds 100-107 at 256x320
+    with torch.no_grad():
+        enc = shipped.encode_video(x)
+        y = shipped.decode_video(enc.mean, enc.geometry).clamp(-1, 1)
+    assert video_metrics(x, y)["psnr"] > SYNTHETIC_PSNR_FLOOR
+
+
+def test_reconstructs_a_held_out_real_clip(shipped, shared_data):
+    from videovae.train.shipped import HELD_OUT_CLIPS, _eval_clip
+
+    x = _eval_clip(shared_data / HELD_OUT_CLIPS[0], 17, 256)
+    with torch.no_grad():
+        enc = shipped.encode_video(x, chunk_frames=8)
+        y = shipped.decode_video(enc.mean, enc.geometry, chunk_frames=8).clamp(-1, 1)
+    assert video_metrics(x, y)["psnr"] > HELD_OUT_PSNR_FLOOR
+
+
+def test_cli_uses_the_shipped_model_without_weights(tmp_path):
+    from videovae.synthetic import write_synthetic_video
+
+    clip = write_synthetic_video(tmp_path / "clip.mkv", 9, 40, 48, seed=4)
+    lat = tmp_path / "clip.safetensors"
+    done = run("encode", clip, "-o", str(lat))
+    assert f"shipped model {DEFAULT_MODEL}" in done.stderr
+    with safe_open(str(lat), framework="pt") as f:
+        assert json.loads(f.metadata()["videovae"])["extra"]["shipped_model"] == DEFAULT_MODEL
+    assert f"shipped model {DEFAULT_MODEL}" in run("info", str(lat)).stdout
+    run("decode", str(lat), "-o", str(tmp_path / "out.mkv"), "--quiet")
+    run("roundtrip", clip, "-o", str(tmp_path / "rt.mkv"), "--weights", DEFAULT_MODEL,
+        "--metrics", str(tmp_path / "m.json"), "--quiet")
+    assert json.loads((tmp_path / "m.json").read_text())["weights"] == DEFAULT_MODEL
+    assert "shipped weights" in run("models").stdout
+    # latents of another model need their own checkpoint
+    run("init", "--model", "tiny", "-o", str(tmp_path / "w.safetensors"))
+    other = tmp_path / "other.safetensors"
+    run("encode", clip, "-o", str(other), "--weights", str(tmp_path / "w.safetensors"), "--quiet")
+    fails("decode", str(other), "-o", str(tmp_path / "x.mkv"), match="not made by a shipped model")
+    fails("decode", str(lat), "-o", str(tmp_path / "x.mkv"), "--weights", str(tmp_path / "w.safetensors"),
+          match="different model")
