@@ -1,7 +1,7 @@
 """``make demo``: round-trip a real clip through the shipped model (``vv-s16``) on the CPU.
 
-Takes the first 33 frames of ``../shared/data/mmaction2_pool.mp4`` (a clip held out of the shipped
-model's training; 340x256) when it exists, else renders a synthetic clip
+Takes the first 33 frames of ``../shared/data/mmaction2_makeup.avi`` (a clip held out of the shipped
+model's training; 320x240) when it exists, else renders a synthetic clip
 (:mod:`videovae.synthetic`; also with ``VIDEOVAE_DEMO_SOURCE=synthetic``), and runs the installed
 ``videovae roundtrip`` without ``--weights``, so the shipped weights are used. Writes
 ``demo_out/sample.mkv`` (the input, lossless), ``demo_out/reconstruction.mp4``,
@@ -23,7 +23,7 @@ from pathlib import Path
 from videovae.io import VideoReader, write_video
 from videovae.synthetic import synthetic_video
 
-SHARED_CLIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mmaction2_pool.mp4"
+SHARED_CLIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mmaction2_makeup.avi"
 FRAMES = 33
 
 
