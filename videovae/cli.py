@@ -187,10 +187,11 @@ def cmd_init(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from videovae.models.odvae import convert_official
+    from videovae.models import cvvae, odvae
 
+    converters = {"od-vae-official": odvae.convert_official, "cv-vae-official": cvvae.convert_official}
     _check_output_parent(args.output)
-    model = convert_official(args.src, prefer_ema=not args.no_ema)
+    model = converters[args.from_format](args.src, prefer_ema=not args.no_ema)
     extra = {"converted_from": args.from_format, "source": os.path.basename(args.src.rstrip("/"))}
     digest = save_checkpoint(args.output, model, dtype=DTYPES[args.dtype] if args.dtype else None, extra=extra)
     params = model.num_parameters()
@@ -327,7 +328,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_models(args) -> None:
-    print(f"{'preset':<16} {'family':<12} {'compression':<12} {'z':>3} {'encoder':>12} {'decoder':>12}  notes")
+    print(f"{'preset':<20} {'family':<12} {'compression':<12} {'z':>3} {'encoder':>12} {'decoder':>12}  notes")
     for name, (family, cfg) in PRESETS.items():
         with torch.device("meta"):  # shapes only: counting parameters needs no memory
             model = from_preset(name)
@@ -336,8 +337,10 @@ def cmd_models(args) -> None:
         notes.append("exact streaming" if cfg.exactly_streamable else "approximate streaming")
         if cfg.halo_tiling_exact:
             notes.append("exact halo tiling")
+        if hasattr(model, "official_encode"):
+            notes.append("official tiling")
         comp = f"{cfg.time_factor}x{cfg.space_factor}x{cfg.space_factor}"
-        print(f"{name:<16} {family:<12} {comp:<12} {cfg.latent_channels:>3} {params['encoder']:>12,} "
+        print(f"{name:<20} {family:<12} {comp:<12} {cfg.latent_channels:>3} {params['encoder']:>12,} "
               f"{params['decoder']:>12,}  {', '.join(notes)}")
 
 
@@ -380,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="official weights -> videovae checkpoint")
     p.add_argument("src", help="official folder (config.json + weights) or weights file (.safetensors/.bin/.pt/.ckpt)")
-    p.add_argument("--from", dest="from_format", required=True, choices=("od-vae-official",), help="source format")
+    p.add_argument("--from", dest="from_format", required=True, choices=("od-vae-official", "cv-vae-official"),
+                   help="source format")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--no-ema", action="store_true", help="training checkpoints: use state_dict, not ema_state_dict")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="store weights in this dtype")

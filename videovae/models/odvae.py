@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from videovae.models.causal_vae import CausalVAE, CausalVAEConfig
+from videovae.statedict import CheckpointError, find_weights, load_state_dict_strict, read_weights, strip_module
 
 SCALING_FACTOR = 0.18215
 
@@ -307,12 +308,6 @@ def map_official_key(key: str) -> str | None:
     return key if any(rule.fullmatch(key) for rule in _KEY_RULES) else None
 
 
-def _strip_module(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module.") :]
-    return key.replace(".module.", ".")
-
-
 def unwrap_official_state(obj: Any, prefer_ema: bool = True, source: str = "checkpoint") -> dict[str, Tensor]:
     """The autoencoder state dict inside an official checkpoint object.
 
@@ -335,41 +330,11 @@ def unwrap_official_state(obj: Any, prefer_ema: bool = True, source: str = "chec
     for key, value in state.items():
         if not isinstance(value, Tensor):
             raise ValueError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        key = _strip_module(key)
+        key = strip_module(key)
         if key.startswith(DROPPED_PREFIXES):
             continue
         out[key] = value
     return out
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
-def _read_weights(path: Path) -> Any:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if path.suffix in _WEIGHT_SUFFIXES:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    raise ValueError(f"{path}: unknown weights format (expected one of {', '.join(_WEIGHT_SUFFIXES)})")
-
-
-def _find_weights(folder: Path) -> Path:
-    """The weights file of a released folder: ``diffusion_pytorch_model.safetensors`` / ``.bin``,
-    else the only weights file, else the last ``*.ckpt`` by name (the official side path)."""
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-    ckpts = [p for p in files if p.suffix == ".ckpt"]
-    if ckpts:
-        return ckpts[-1]
-    if len(files) == 1:
-        return files[0]
-    if not files:
-        raise FileNotFoundError(f"{folder}: no weights file ({', '.join(_WEIGHT_SUFFIXES)})")
-    raise ValueError(f"{folder}: several weights files, pass one: {', '.join(p.name for p in files)}")
 
 
 def convert_official(src: str | os.PathLike, *, prefer_ema: bool = True, config: dict | None = None) -> ODVAE:
@@ -383,19 +348,17 @@ def convert_official(src: str | os.PathLike, *, prefer_ema: bool = True, config:
     starting with ``loss.``, ``discriminator.``, ``disc_model.`` or ``dics_model.`` are dropped.
     The architecture comes from ``config`` (official field names), else ``config.json`` beside the
     weights, else the released v1.2 layout. Any other unexpected key, a missing key or a shape
-    mismatch raises :class:`videovae.checkpoint.CheckpointError` listing them.
+    mismatch raises :class:`videovae.statedict.CheckpointError` listing them.
     """
-    from videovae.checkpoint import CheckpointError, load_state_dict_strict
-
     path = Path(src)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     folder = path if path.is_dir() else path.parent
-    weights = _find_weights(path) if path.is_dir() else path
+    weights = find_weights(path) if path.is_dir() else path
     if config is None and (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text())
     cfg = config_from_official(config or {})
-    state = unwrap_official_state(_read_weights(weights), prefer_ema=prefer_ema, source=str(weights))
+    state = unwrap_official_state(read_weights(weights), prefer_ema=prefer_ema, source=str(weights))
     unknown = sorted(k for k in state if map_official_key(k) is None)
     if unknown:
         shown = ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
