@@ -670,14 +670,14 @@ PRESETS: dict[str, CVVAEConfig] = {
     # attention: chunked inference equals whole-clip inference exactly.
     "cv-vae-stream": CVVAEConfig(norm="group_frame", decoder_time_pad="causal", temporal_attention="causal"),
     # Small configs for tests and CPU demos (official layouts, 32 x [1, 2, 1, 1]).
-    "cv-vae-tiny": CVVAEConfig(base_channels=32, channel_mult=(1, 2, 1, 1), official_frames=8, official_tile=40),
+    "cv-vae-tiny": CVVAEConfig(base_channels=32, channel_mult=(1, 2, 1, 1), official_frames=4, official_tile=40),
     "cv-vae-tiny-stream": CVVAEConfig(
         base_channels=32, channel_mult=(1, 2, 1, 1), norm="group_frame", decoder_time_pad="causal",
-        temporal_attention="causal", official_frames=8, official_tile=40,
+        temporal_attention="causal", official_frames=4, official_tile=40,
     ),
     "cv-vae-tiny-sd3": CVVAEConfig(
         layout="sd3", base_channels=32, channel_mult=(1, 2, 1, 1), latent_channels=16, norm_eps=1e-6,
-        temporal_attention="none", official_frames=8, official_tile=40,
+        temporal_attention="none", official_frames=4, official_tile=40,
     ),
 }
 
