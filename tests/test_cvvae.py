@@ -17,7 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from videovae.checkpoint import load_checkpoint
-from videovae.cli import main
+from videovae.cli import _engine_options as engine_options
+from videovae.cli import build_parser, main
+from videovae.engine import decode_tensor, encode_tensor
 from videovae.layers import CausalCache
 from videovae.models import PRESETS, from_preset
 from videovae.models.cvvae import (
@@ -140,12 +142,13 @@ def test_official_tiling_parity(models, io, layout):
     (windows of 5 frames / 2 latents, 40 px tiles): two windows of each kind, 48x48 not a multiple."""
     model, ref = models[layout], io[layout]
     z = model.latent_channels
-    with torch.no_grad():
-        moments = model.official_encode(ref["x"])
-        decoded = model.official_decode(ref["moments"][:, :z])
+    assert (model.config.official_frames, model.config.official_decode_latents) == (4, 1)  # from config.json
+    result = encode_tensor(model, ref["x"], tiling="official")  # no other option: the official defaults
+    decoded = decode_tensor(model, ref["moments"][:, :z], tiling="official")
     official = ref["moments_official_tiling"]
-    assert moments.shape == (1, 2 * z, 3, 6, 6)  # official sd3 stitching gives 7x7: cropped to H/8 x W/8
-    assert (moments - official[..., :6, :6]).abs().max() < TOL
+    assert result.mean.shape == (1, z, 3, 6, 6)  # official sd3 stitching gives 7x7: cropped to H/8 x W/8
+    assert (result.mean - official[:, :z, :, :6, :6]).abs().max() < TOL
+    assert (result.logvar - official[:, z:, :, :6, :6].clamp(-30, 20)).abs().max() < TOL
     # ours keeps the input size; the official output lacks one pixel per seam (48x48 -> 47x47)
     assert decoded.shape == (1, 3, 9, 48, 48) and ref["decoded_official_tiling"].shape == (1, 3, 9, 47, 47)
     rows, cols = official_seam_pixels(48, 40, 0.2222), official_seam_pixels(48, 40, 0.2222)
@@ -155,6 +158,23 @@ def test_official_tiling_parity(models, io, layout):
     assert (decoded[..., keep_r, :][..., keep_c] - ref["decoded_official_tiling"]).abs().max() < TOL
     # the windows/tiles really change the result (the test would notice tiling being skipped)
     assert (decoded - ref["decoded"]).abs().max() > 1e-2
+
+
+def test_tiling_official_flags_override_one_value_each(models):
+    model = models["sd21"]
+    parse = build_parser().parse_args
+    args = parse(["encode", "in.mp4", "--weights", "w", "-o", "o", "--tiling", "official"])
+    opts = engine_options(args, model, 48, 48)
+    assert opts.official_tiling(model) == model.official_tiling_for()
+    args = parse(["encode", "in.mp4", "--weights", "w", "-o", "o", "--tiling", "official", "--tile", "64"])
+    tiling = engine_options(args, model, 48, 48).official_tiling(model)
+    assert (tiling.tile, tiling.encode_frames, tiling.decode_latents, tiling.overlap) == (64, 4, 1, 0.2222)
+    args = parse(["decode", "l", "--weights", "w", "-o", "o", "--tiling", "official", "--decode-latents", "3",
+                  "--tile-overlap", "0.25"])
+    tiling = engine_options(args, model, 48, 48).official_tiling(model)
+    assert (tiling.tile, tiling.encode_frames, tiling.decode_latents, tiling.overlap) == (40, 4, 3, 0.25)
+    tiling = model.official_tiling_for(frames=8)  # as the official code: decode windows follow the encode ones
+    assert (tiling.encode_frames, tiling.decode_latents) == (8, 2)
 
 
 def test_official_seam_pixels_of_the_issue_case():

@@ -7,6 +7,7 @@ status 1; outputs are written atomically, so a failed command leaves no partial 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -59,7 +60,11 @@ def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype")
     g.add_argument("--tiling", default="halo", choices=TILINGS,
                    help="halo: cache-carrying chunks and halo tiles (default); official: the model's own windowed "
-                        "tiling (OD-VAE: windows of 1 + chunk-frames frames, tiles of --tile px, whole clip in memory)")
+                        "tiling with the official sizes stored in its config (whole clip in memory); then "
+                        "--chunk-frames, --decode-latents, --tile and --tile-overlap each override one size")
+    g.add_argument("--decode-latents", type=int, default=None,
+                   help="--tiling official: latents per decode window after the first (0 = no windows)")
+    g.add_argument("--tile-overlap", type=float, default=None, help="--tiling official: tile overlap ratio")
     if frames:
         g.add_argument("--max-frames", type=int, default=None, help="read at most this many frames")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -67,6 +72,21 @@ def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
 
 def _engine_options(args, model, height: int, width: int) -> EngineOptions:
     dtype = DTYPES[args.dtype]
+    if getattr(args, "tiling", "halo") == "official":
+        if args.max_memory is not None:
+            raise CLIError("--max-memory plans halo tiling; it cannot be combined with --tiling official")
+        return EngineOptions(
+            device=args.device,
+            dtype=dtype,
+            progress=not args.quiet,
+            tiling="official",
+            official_frames=args.chunk_frames,
+            official_decode_latents=args.decode_latents,
+            official_tile=args.tile,
+            official_overlap=args.tile_overlap,
+        )
+    if args.decode_latents is not None or args.tile_overlap is not None:
+        raise CLIError("--decode-latents and --tile-overlap only apply with --tiling official")
     chunk, tile = args.chunk_frames, args.tile
     if args.max_memory is not None:
         budget = parse_size(args.max_memory)
@@ -82,6 +102,13 @@ def _engine_options(args, model, height: int, width: int) -> EngineOptions:
         progress=not args.quiet,
         tiling=getattr(args, "tiling", "halo"),
     )
+
+
+def _tiling_record(opts: EngineOptions, model) -> dict:
+    """How a latent file was made: the halo chunk/tile sizes, or the official sizes used."""
+    if opts.tiling == "official":
+        return {"tiling": "official", "official_tiling": dataclasses.asdict(opts.official_tiling(model))}
+    return {"chunk_frames": opts.chunk_frames, "tile": opts.tile, "tiling": opts.tiling}
 
 
 def _load_model(args):
@@ -131,7 +158,7 @@ def _encode_file(args, model, path: str, sample: bool, seed: int | None):
         dtype="float32",
         sampled=sample,
         source=os.path.basename(path),
-        extra={"chunk_frames": opts.chunk_frames, "tile": opts.tile, "tiling": opts.tiling},
+        extra=_tiling_record(opts, model),
     )
     return latent, meta
 

@@ -16,7 +16,7 @@ from videovae.models.causal_vae import PRESETS as CAUSAL_VAE_PRESETS
 from videovae.models.causal_vae import CausalVAE, CausalVAEConfig
 from videovae.models.cvvae import CVVAE, CVVAEConfig
 from videovae.models.cvvae import PRESETS as CVVAE_PRESETS
-from videovae.models.odvae import ODVAE
+from videovae.models.odvae import ODVAE, ODVAEConfig
 from videovae.models.odvae import PRESETS as ODVAE_PRESETS
 
 
@@ -29,7 +29,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "causal-vae": Family("causal-vae", CausalVAEConfig, CausalVAE),
-    "od-vae": Family("od-vae", CausalVAEConfig, ODVAE),
+    "od-vae": Family("od-vae", ODVAEConfig, ODVAE),
     "cv-vae": Family("cv-vae", CVVAEConfig, CVVAE),
 }
 
@@ -66,6 +66,7 @@ __all__ = [
     "CVVAE",
     "FAMILIES",
     "ODVAE",
+    "ODVAEConfig",
     "PRESETS",
     "CVVAEConfig",
     "CausalVAE",

@@ -78,7 +78,8 @@ class CVVAEConfig:
     ``temporal_attention``: the decoder mid block's attention over time: ``full`` (official
     ``sd21``), ``causal`` or ``none`` (``sd3``). ``official_*``: the official windowed tiling
     (``en_de_n_frames_a_time``, ``tile_spatial_size``, ``tile_overlap_ratio``) used by
-    ``--tiling official``; the decode window is ``official_frames / 4`` latents.
+    ``--tiling official``; the official decode windows are ``official_decode_latents =
+    official_frames / 4`` latents.
     """
 
     layout: str = "sd21"
@@ -99,6 +100,7 @@ class CVVAEConfig:
     logvar_min: float = -30.0
     logvar_max: float = 20.0
     official_frames: int = 16
+    official_decode_latents: int = 4
     official_tile: int = 576
     official_overlap: float = 0.2222
 
@@ -119,7 +121,7 @@ class CVVAEConfig:
             problems.append("the sd3 layout has no temporal attention (temporal_attention='none')")
         if any(self.base_channels * m % self.norm_groups for m in self.channel_mult):
             problems.append(f"channel counts must be multiples of norm_groups={self.norm_groups}")
-        if self.official_frames % max(1, 2 ** sum(bool(t) for t in self.temporal_down)):
+        if self.official_frames % self.time_factor:
             problems.append("official_frames must be a multiple of the time factor")
         if problems:
             raise ValueError("invalid CVVAEConfig: " + "; ".join(problems))
@@ -626,19 +628,22 @@ class CVVAE(nn.Module):
 
     # --- official windowed tiling -------------------------------------------------------------------
     def official_tiling_for(
-        self, chunk_frames: int | None = None, tile: int | None = None, overlap: float | None = None,
+        self,
+        frames: int | None = None,
         decode_latents: int | None = None,
+        tile: int | None = None,
+        overlap: float | None = None,
     ) -> OfficialTiling:
-        """The official tiling of this model's config, each given value overriding one setting:
-        ``chunk_frames`` (encode window stride in frames, ``en_de_n_frames_a_time``; 0 = no
-        temporal windows), ``decode_latents`` (decode stride in latents; default
-        ``chunk_frames / 4``), ``tile`` (pixels, ``tile_spatial_size``; 0 = untiled), ``overlap``."""
+        """The official tiling of this config, each given value overriding one setting: ``frames``
+        (encode windows of ``1 + frames`` frames every ``frames``: ``en_de_n_frames_a_time``),
+        ``decode_latents`` (decode windows of ``1 + decode_latents`` latents; when only ``frames``
+        is given it follows as ``frames / 4``, as in the official code), ``tile`` (pixels,
+        ``tile_spatial_size``), ``overlap`` (``tile_overlap_ratio``). 0 = untiled in that dimension."""
         cfg = self.config
-        frames = cfg.official_frames if chunk_frames is None else chunk_frames
         if decode_latents is None:
-            decode_latents = frames // self.time_factor
+            decode_latents = cfg.official_decode_latents if frames is None else frames // self.time_factor
         return OfficialTiling(
-            encode_frames=frames,
+            encode_frames=cfg.official_frames if frames is None else frames,
             decode_latents=decode_latents,
             tile=cfg.official_tile if tile is None else tile,
             overlap=cfg.official_overlap if overlap is None else overlap,
@@ -670,14 +675,16 @@ PRESETS: dict[str, CVVAEConfig] = {
     # attention: chunked inference equals whole-clip inference exactly.
     "cv-vae-stream": CVVAEConfig(norm="group_frame", decoder_time_pad="causal", temporal_attention="causal"),
     # Small configs for tests and CPU demos (official layouts, 32 x [1, 2, 1, 1]).
-    "cv-vae-tiny": CVVAEConfig(base_channels=32, channel_mult=(1, 2, 1, 1), official_frames=4, official_tile=40),
+    "cv-vae-tiny": CVVAEConfig(
+        base_channels=32, channel_mult=(1, 2, 1, 1), official_frames=4, official_decode_latents=1, official_tile=40,
+    ),
     "cv-vae-tiny-stream": CVVAEConfig(
         base_channels=32, channel_mult=(1, 2, 1, 1), norm="group_frame", decoder_time_pad="causal",
-        temporal_attention="causal", official_frames=4, official_tile=40,
+        temporal_attention="causal", official_frames=4, official_decode_latents=1, official_tile=40,
     ),
     "cv-vae-tiny-sd3": CVVAEConfig(
         layout="sd3", base_channels=32, channel_mult=(1, 2, 1, 1), latent_channels=16, norm_eps=1e-6,
-        temporal_attention="none", official_frames=4, official_tile=40,
+        temporal_attention="none", official_frames=4, official_decode_latents=1, official_tile=40,
     ),
 }
 
@@ -858,8 +865,10 @@ def config_from_official(cfg: dict[str, Any]) -> CVVAEConfig:
             problems.append(f"{key}={value!r} (supported: {', '.join(map(repr, allowed))})")
         return value
 
+    frames = int(cfg.get("en_de_n_frames_a_time", 16) or 0)
     tiling = dict(
-        official_frames=int(cfg.get("en_de_n_frames_a_time", 16) or 0),
+        official_frames=frames,
+        official_decode_latents=frames // 4,
         official_tile=int(cfg.get("tile_spatial_size", 576) or 0),
         official_overlap=float(cfg.get("tile_overlap_ratio", 0.2222) or 0.0),
     )
