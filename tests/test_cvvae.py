@@ -24,12 +24,15 @@ from videovae.layers import CausalCache
 from videovae.models import PRESETS, from_preset
 from videovae.models.cvvae import (
     CVVAE,
+    ImageVAE,
     config_from_official,
     convert_official,
+    inflate_image_vae,
     map_official_key,
     official_seam_pixels,
 )
 from videovae.statedict import CheckpointError
+from videovae.train.compat import CompatibilityLoss
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cvvae"
 TOL = 1e-4  # max abs difference asked for by the issue (fp32)
@@ -285,3 +288,78 @@ def test_official_layout_is_not_exact_when_chunked():
     chunked = torch.cat([a, b], dim=2)
     assert chunked.shape == whole.shape
     assert (chunked - whole).abs().max() > 1e-3
+
+
+# --- image VAE: inflation and the latent regularisation ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_vae():
+    """A small random diffusers AutoencoderKL with the layout of cv-vae-tiny (32 x [1, 2, 1, 1], z=4)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(3)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32,
+    ).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return vae
+
+
+def test_image_vae_module_reproduces_autoencoderkl(image_vae):
+    x = _video(1, 32, 40)[:, :, 0]
+    ours = ImageVAE(image_vae.state_dict())
+    with torch.no_grad():
+        mean = image_vae.encode(x).latent_dist.mean
+        assert (ours.encode(x) - mean).abs().max() < TOL
+        assert (ours.decode(mean) - image_vae.decode(mean).sample).abs().max() < TOL
+
+
+def test_inflated_model_reproduces_the_image_vae_on_one_frame(image_vae, tmp_path):
+    state = dict(image_vae.state_dict())
+    state["post_quant_conv.bias"] = torch.zeros(4)  # its bias cannot be folded exactly (zero padding)
+    reference = type(image_vae)(**image_vae.config).eval()
+    reference.load_state_dict(state)
+    x = _video(1, 32, 40)
+    with torch.no_grad():
+        mean = reference.encode(x[:, :, 0]).latent_dist.mean
+        image = reference.decode(mean).sample
+        # the layout of cv-vae-tiny without temporal attention and with the image VAE's GroupNorm eps
+        cfg = replace(PRESETS["cv-vae-tiny"][1], temporal_attention="none", norm_eps=1e-6)
+        model = inflate_image_vae(state, cfg)
+        assert (model.encode(x).mean[:, :, 0] - mean).abs().max() < TOL
+        assert (model.decode(mean.unsqueeze(2))[:, :, 0] - image).abs().max() < TOL
+        # a multi-frame clip of one repeated image decodes every frame as the image
+        video = model.decode(mean.unsqueeze(2).expand(-1, -1, 3, -1, -1))
+        assert video.shape[2] == 9 and (video - image.unsqueeze(2)).abs().max() < TOL
+    # the released layout through the command line: the encoder still reproduces the image latent
+    save_file(state, str(tmp_path / "image_vae.safetensors"))
+    out = tmp_path / "inflated.safetensors"
+    assert main(["init", "--model", "cv-vae-tiny", "--from-image-vae", str(tmp_path / "image_vae.safetensors"),
+                 "-o", str(out)]) == 0
+    with torch.no_grad():
+        assert (load_checkpoint(out).encode(x).mean[:, :, 0] - mean).abs().max() < 1e-3  # eps 1e-5 vs 1e-6
+
+
+def test_compatibility_loss_decreases_in_a_short_run(image_vae):
+    torch.manual_seed(0)
+    model = from_preset("cv-vae-tiny").train()
+    compat = CompatibilityLoss(ImageVAE(image_vae.state_dict()), weight=1.0)
+    compat.check_model(model)
+    x = _video(5, 16, 16, seed=4)
+    opt = torch.optim.Adam(model.encoder.parameters(), lr=1e-2)
+    torch.manual_seed(1)
+    losses = []
+    for _ in range(8):
+        loss = compat(model, x, model.encode(x))["compat"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert sum(losses[-3:]) < 0.95 * sum(losses[:3]), losses
+    assert all(p.grad is None for p in compat.parameters())  # the image VAE stays frozen
+    assert 0 < compat.compatibility_psnr(model.eval(), x) < 100
+    with pytest.raises(ValueError, match="does not fit"):
+        compat.check_model(from_preset("cv-vae-tiny-sd3"))

@@ -181,6 +181,7 @@ def _decode_to_writer(args, model, latent: torch.Tensor, meta: LatentMeta, out: 
 
 
 def cmd_init(args) -> None:
+    from videovae.models import cvvae
     from videovae.models.odvae import inflate_image_vae, load_image_vae, widen_latent
 
     torch.manual_seed(args.seed)
@@ -197,10 +198,18 @@ def cmd_init(args) -> None:
         extra = {"widened_from": os.path.basename(args.from_checkpoint), "seed": args.seed}
     elif args.from_image_vae:
         family, config = PRESETS[args.model] if args.model in PRESETS else (None, None)
-        if family != "od-vae":
-            raise CLIError(f"--from-image-vae inflates into an od-vae preset, not {args.model!r}")
-        model = inflate_image_vae(load_image_vae(args.from_image_vae), config, init=args.init)
-        extra.update(image_vae=os.path.basename(args.from_image_vae.rstrip("/")), init=args.init)
+        if family == "od-vae":
+            init = args.init or "tail"
+            model = inflate_image_vae(load_image_vae(args.from_image_vae), config, init=init)
+        elif family == "cv-vae":
+            if args.init is not None:
+                raise CLIError("--init applies to od-vae presets; cv-vae kernels go to the slot that sees the "
+                               "current frame")
+            init = "current-frame"
+            model = cvvae.inflate_image_vae(cvvae.load_image_vae(args.from_image_vae), config)
+        else:
+            raise CLIError(f"--from-image-vae inflates into an od-vae or cv-vae preset, not {args.model!r}")
+        extra.update(image_vae=os.path.basename(args.from_image_vae.rstrip("/")), init=init)
     else:
         model = from_preset(args.model)
     if args.widen_latent is not None:
@@ -399,9 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="store weights in this dtype")
     p.add_argument("--from-image-vae", default=None, metavar="PATH",
-                   help="inflate a 2D SD-style AutoencoderKL (diffusers .safetensors) into the --model preset")
-    p.add_argument("--init", default="tail", choices=("tail", "center"),
-                   help="temporal slot of the inflated 2D kernels (default tail: the current frame)")
+                   help="inflate a 2D SD-style AutoencoderKL (diffusers folder or .safetensors) into the --model "
+                        "preset (od-vae or cv-vae)")
+    p.add_argument("--init", default=None, choices=("tail", "center"),
+                   help="od-vae: temporal slot of the inflated 2D kernels (default tail: the current frame)")
     p.add_argument("--from-checkpoint", default=None, metavar="W.safetensors",
                    help="start from this trained checkpoint (with --widen-latent)")
     p.add_argument("--widen-latent", type=int, default=None, metavar="N",

@@ -1060,3 +1060,186 @@ def convert_official(src: str | os.PathLike, *, prefer_ema: bool = True, config:
     model = CVVAE(cfg)
     load_state_dict_strict(model, mapped, source=str(weights))
     return model.eval()
+
+
+# --- initialisation from a 2D image VAE -------------------------------------------------------------------
+
+_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def image_vae_layout(state: dict[str, Tensor]) -> dict[str, Any]:
+    """Widths of a diffusers ``AutoencoderKL`` state dict: ``base_channels``, ``channel_mult``,
+    ``num_res_blocks``, ``latent_channels``, ``quant_conv`` (whether it has quant convs)."""
+    try:
+        base = state["encoder.conv_in.weight"].shape[0]
+        levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down_blocks."))
+        chans = [state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)]
+        blocks = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down_blocks.0.resnets."))
+        latent = state["decoder.conv_in.weight"].shape[1]
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"not a diffusers AutoencoderKL state dict (missing {err})") from None
+    if any(c % base for c in chans):
+        raise ValueError(f"image VAE widths {chans} are not multiples of {base}")
+    return {
+        "base_channels": base,
+        "channel_mult": tuple(c // base for c in chans),
+        "num_res_blocks": blocks,
+        "latent_channels": latent,
+        "quant_conv": "quant_conv.weight" in state,
+    }
+
+
+def _image_key(key: str, levels: int) -> str | None:
+    """Our name for a diffusers AutoencoderKL key (quant convs excluded)."""
+    for old, new in _OLD_ATTENTION_NAMES.items():
+        key = key.replace(f".attentions.0.{old}.", f".attentions.0.{new}.")
+    for pattern, repl in _sd3_rules(levels):
+        match = pattern.match(key)
+        if match and _LEAF.fullmatch(key[match.end() :]):
+            return match.expand(repl) + key[match.end() :]
+    return None
+
+
+def _inflated(model: CVVAE, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``model``'s weights from a 2D AutoencoderKL state dict (quant convs not included): every
+    3D kernel gets the 2D kernel in the slot that sees the current frame (the last slot of causal
+    convs, the middle one of two-sided ones), zeros elsewhere, so each conv acts per frame; the
+    2C-channel temporal upsampler convs get it in both halves (each latent frame becomes two equal
+    frames); linear attention projections become 1x1 convs. The decoder's temporal attention, absent
+    from the image VAE, gets zero query/key, identity value and a zero output projection (its
+    contribution starts at zero and is trainable). Unmapped or missing keys raise ``ValueError``."""
+    levels = len(model.config.channel_mult)
+    modules = dict(model.named_modules())
+    own = model.state_dict()
+    out: dict[str, Tensor] = {}
+    unmapped = []
+    for key, value in state.items():
+        if key.startswith(("quant_conv.", "post_quant_conv.")):
+            continue
+        name = _image_key(key, levels)
+        if name is None or name not in own:
+            unmapped.append(key)
+            continue
+        target = own[name].shape
+        value = value.float()
+        module = modules[name.rpartition(".")[0]]
+        if isinstance(module, TimeConv3d) and name.endswith(".weight"):
+            slot = module.kernel[0] - 1 if module.time_pad == "causal" else (module.kernel[0] - 1) // 2
+            w = value.new_zeros(target)
+            reps = target[0] // value.shape[0]
+            w[:, :, slot] = value.repeat(reps, 1, 1, 1) if value.ndim == 4 else value.reshape(value.shape[0], -1, 1, 1)
+            out[name] = w
+        elif name.endswith(".bias") and target[0] != value.shape[0]:
+            out[name] = value.repeat(target[0] // value.shape[0])
+        else:
+            out[name] = value.reshape(target)
+    for name, value in own.items():
+        if name in out or ".attn_1." not in name or not name.split(".")[-2].endswith("_t"):
+            continue
+        part = name.split(".")[-2]
+        if part == "norm_t":
+            out[name] = torch.ones_like(value) if name.endswith("weight") else torch.zeros_like(value)
+        elif part == "v_t" and name.endswith("weight"):
+            out[name] = torch.eye(value.shape[0])
+        else:
+            out[name] = torch.zeros_like(value)
+    missing = sorted(set(own) - set(out))
+    if unmapped or missing:
+        parts = []
+        if unmapped:
+            parts.append("image-VAE keys without a place: " + ", ".join(sorted(unmapped)[:20]))
+        if missing:
+            parts.append("model keys not provided: " + ", ".join(missing[:20]))
+        raise ValueError("image VAE does not fit the model (" + "; ".join(parts) + ")")
+    return out
+
+
+def inflate_image_vae(state: dict[str, Tensor], config: CVVAEConfig) -> CVVAE:
+    """A :class:`CVVAE` of ``config`` initialised from a 2D SD-style ``AutoencoderKL`` state dict
+    (diffusers names; the older ``query/key/value/proj_attn`` attention names are accepted).
+
+    Kernels are inflated as :func:`_inflated` describes. CV-VAE has no quant convs: the image VAE's
+    ``quant_conv`` is folded into ``encoder.conv_out`` (exact) and ``post_quant_conv`` into
+    ``decoder.conv_in`` (exact except that its bias meets the zero padding of the 3x3 conv at the
+    latent border). With the SD 2.1 layout a 1-frame video then encodes to the image VAE's latent
+    (GroupNorm eps 1e-5 vs 1e-6 aside) and decodes as the image VAE does, except for the decoder's
+    mid attention: the official block adds one residual around spatial *and* temporal attention, so
+    with the temporal part starting at zero the spatial attention is silent until trained (exact
+    for configs with ``temporal_attention='none'``). The SD3 layout pads by replication, the image
+    VAE by zeros: its borders differ."""
+    model = CVVAE(config)
+    weights = _inflated(model, state)
+    if "quant_conv.weight" in state:
+        wq = state["quant_conv.weight"].float().flatten(1)
+        w, b = weights["encoder.conv_out.weight"], weights["encoder.conv_out.bias"]
+        weights["encoder.conv_out.weight"] = torch.einsum("ij,jcthw->icthw", wq, w)
+        weights["encoder.conv_out.bias"] = wq @ b + state["quant_conv.bias"].float()
+    if "post_quant_conv.weight" in state:
+        wp = state["post_quant_conv.weight"].float().flatten(1)
+        w, b = weights["decoder.conv_in.weight"], weights["decoder.conv_in.bias"]
+        weights["decoder.conv_in.weight"] = torch.einsum("ojthw,ji->oithw", w, wp)
+        weights["decoder.conv_in.bias"] = b + torch.einsum("ojthw,j->o", w, state["post_quant_conv.bias"].float())
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+class ImageVAE(nn.Module):
+    """A frozen 2D image VAE (diffusers ``AutoencoderKL`` weights) run frame by frame: the same
+    numbers as the image VAE, computed by this module's own layers (no diffusers needed).
+
+    ``encode``: frames (N, 3, H, W) in [-1, 1] -> latent mean (N, z, H/8, W/8), unscaled.
+    ``decode``: unscaled latents (N, z, h, w) -> frames (N, 3, 8h, 8w), nominally in [-1, 1]."""
+
+    def __init__(self, state: dict[str, Tensor], norm_groups: int = 32):
+        super().__init__()
+        layout = image_vae_layout(state)
+        levels = len(layout["channel_mult"])
+        self.config = CVVAEConfig(
+            base_channels=layout["base_channels"], channel_mult=layout["channel_mult"],
+            num_res_blocks=layout["num_res_blocks"], latent_channels=layout["latent_channels"],
+            temporal_down=(False,) * (levels - 1), norm="group_frame", norm_groups=norm_groups, norm_eps=1e-6,
+            temporal_attention="none",
+        )
+        self.core = CVVAE(self.config)
+        self.core.load_state_dict(_inflated(self.core, state))
+        z = layout["latent_channels"]
+        self.quant_conv = self.post_quant_conv = None
+        if layout["quant_conv"]:
+            self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
+            self.quant_conv.load_state_dict({"weight": state["quant_conv.weight"], "bias": state["quant_conv.bias"]})
+        if "post_quant_conv.weight" in state:
+            self.post_quant_conv = nn.Conv2d(z, z, 1)
+            self.post_quant_conv.load_state_dict(
+                {"weight": state["post_quant_conv.weight"], "bias": state["post_quant_conv.bias"]}
+            )
+        self.eval().requires_grad_(False)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    def encode(self, frames: Tensor) -> Tensor:
+        moments = self.core.encode_chunk(frames.unsqueeze(2), None)[0][:, :, 0]
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return moments[:, : self.latent_channels]
+
+    def decode(self, z: Tensor) -> Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.core.decode_chunk(z.unsqueeze(2), None)[0][:, :, 0]
+
+
+def load_image_vae(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The state dict of a local diffusers ``AutoencoderKL``: a ``.safetensors`` file or a folder
+    holding ``diffusion_pytorch_model.safetensors`` (nothing is downloaded)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "diffusion_pytorch_model.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such image VAE weights file")
+    if p.suffix != ".safetensors":
+        raise ValueError(f"{p}: image VAE weights must be a .safetensors file")
+    return load_file(str(p))
