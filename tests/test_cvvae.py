@@ -363,3 +363,24 @@ def test_compatibility_loss_decreases_in_a_short_run(image_vae):
     assert 0 < compat.compatibility_psnr(model.eval(), x) < 100
     with pytest.raises(ValueError, match="does not fit"):
         compat.check_model(from_preset("cv-vae-tiny-sd3"))
+
+
+def test_training_run_logs_the_compatibility_term(image_vae, tmp_path):
+    from videovae.synthetic import write_synthetic_video
+    from videovae.train.config import ConfigError, load_config
+    from videovae.train.vae import train
+
+    clip = tmp_path / "clip.mp4"
+    write_synthetic_video(clip, 5, 16, 16, seed=2, crf=10)
+    save_file(image_vae.state_dict(), str(tmp_path / "image_vae.safetensors"))
+    run_dir = tmp_path / "run"
+    overrides = [f"data.paths=[{clip}]", f"run_dir={run_dir}", "data.size=16", "data.num_frames=5",
+                 "data.max_stride=1", "data.crop_scale_min=1.0", "batch_size=1", "progress=false", "val_clips=1",
+                 "val_every=2", "max_steps=2", "log_every=1", "disc.channels=8", "model.preset=cv-vae-tiny",
+                 f"loss.image_vae={tmp_path / 'image_vae.safetensors'}", "loss.compat_weight=0.5"]
+    with pytest.raises(ConfigError, match="needs loss.image_vae"):
+        load_config(None, [*overrides[:-2], "loss.compat_weight=0.5"])
+    summary = train(load_config(None, overrides))
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert all("compat" in r for r in records if r["kind"] == "train")
+    assert 0 < summary["val"]["compat_psnr"] < 100
