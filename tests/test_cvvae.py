@@ -384,3 +384,14 @@ def test_training_run_logs_the_compatibility_term(image_vae, tmp_path):
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert all("compat" in r for r in records if r["kind"] == "train")
     assert 0 < summary["val"]["compat_psnr"] < 100
+
+
+def test_model_families_do_not_import_the_checkpoint_module():
+    """Strict loading lives in videovae.statedict, below the families: imports run one way."""
+    import subprocess
+    import sys
+
+    code = ("import sys, videovae.models.odvae, videovae.models.cvvae; "
+            "print('videovae.checkpoint' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
