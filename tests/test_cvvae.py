@@ -276,6 +276,18 @@ def test_stream_variant_chunked_equals_whole():
         assert (model.decode_chunk(z2, None)[0][:, :, :9] - decoded[:, :, :9]).abs().max() < 1e-5
 
 
+def test_stream_variant_through_the_engine_chunked_and_tiled():
+    torch.manual_seed(0)
+    model = from_preset("cv-vae-tiny-stream").eval()
+    x = _video(9, 24, 32)
+    with torch.no_grad():
+        whole = model.encode(x).mean
+        result = model.encode_video(x, chunk_frames=4, tile=16, tile_norm="exact")
+        assert (result.mean - whole).abs().max() < 1e-5
+        decoded = model.decode_video(whole, chunk_frames=4, tile=16, tile_norm="exact")
+        assert (decoded - model.decode(whole)).abs().max() < 1e-5
+
+
 def test_official_layout_is_not_exact_when_chunked():
     torch.manual_seed(0)
     model = from_preset("cv-vae-tiny").eval()
