@@ -276,15 +276,15 @@ def test_stream_variant_chunked_equals_whole():
         assert (model.decode_chunk(z2, None)[0][:, :, :9] - decoded[:, :, :9]).abs().max() < 1e-5
 
 
-def test_stream_variant_through_the_engine_chunked_and_tiled():
+def test_stream_variant_through_the_engine_chunked():
     torch.manual_seed(0)
     model = from_preset("cv-vae-tiny-stream").eval()
-    x = _video(9, 24, 32)
+    x = _video(9, 16, 24)
     with torch.no_grad():
         whole = model.encode(x).mean
-        result = model.encode_video(x, chunk_frames=4, tile=16, tile_norm="exact")
+        result = model.encode_video(x, chunk_frames=4)
         assert (result.mean - whole).abs().max() < 1e-5
-        decoded = model.decode_video(whole, chunk_frames=4, tile=16, tile_norm="exact")
+        decoded = model.decode_video(whole, chunk_frames=4)
         assert (decoded - model.decode(whole)).abs().max() < 1e-5
 
 
@@ -369,7 +369,7 @@ def test_compatibility_loss_decreases_in_a_short_run(image_vae):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert sum(losses[-3:]) < 0.95 * sum(losses[:3]), losses
     assert all(p.grad is None for p in compat.parameters())  # the image VAE stays frozen
     assert 0 < compat.compatibility_psnr(model.eval(), x) < 100
