@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from videovae.checkpoint import CheckpointError, load_checkpoint
 from videovae.cli import main
-from videovae.engine import decode_tensor, encode_tensor
+from videovae.engine import EngineOptions, decode_tensor, encode_tensor
 from videovae.models import PRESETS, from_preset
 from videovae.models.odvae import (
     ODVAE,
@@ -28,7 +28,6 @@ from videovae.models.odvae import (
     inflate_image_vae,
     map_official_key,
     odvae_config,
-    official_tiled_encode,
     official_windows,
     unwrap_official_state,
     widen_latent,
@@ -194,35 +193,51 @@ def test_official_windows():
     assert official_windows(5, 3) == [(0, 3), (2, 5)]
 
 
+def _with_fixture_tiling(small) -> ODVAE:
+    """``small`` with the fixture's official tiling stored in its config."""
+    model = ODVAE(replace(small.config, official_frames=8, official_decode_latents=2, official_tile=32,
+                          official_overlap=0.25))
+    model.load_state_dict(small.state_dict())
+    return model.eval()
+
+
 def test_parity_official_tiling(small, io):
-    tiling = OfficialTiling(**dict(zip(("sample_size", "latent_size", "overlap", "sample_frames", "latent_frames"),
-                                       (32, 4, 0.25, 9, 3), strict=True)))
+    """``tiling='official'`` with no other option reproduces the official code with the official
+    sizes stored in the config: a 17-frame 48x64 clip is longer than one encode window (9 frames)
+    and one decode window (3 latents) and 48 is not a multiple of the 32 px tile."""
     meta = json.loads(_metadata(FIXTURES / "small_io.safetensors")["tiling"])
     assert (meta["tile_sample_min_size"], meta["tile_latent_min_size_t"]) == (32, 3)
-    posterior = small.posterior(official_tiled_encode(small, io["x"], tiling))
-    assert _maxdiff(posterior.mean, io["x_tiled_mean"]) <= TOL
-    assert _maxdiff(posterior.logvar, io["x_tiled_logvar"]) <= TOL
-    # decode through the engine: windows of 1 + chunk_frames frames, tiles of `tile` pixels
-    small.official_tiling = replace(small.official_tiling, overlap=0.25)
-    decoded = decode_tensor(small, io["x_mean"], chunk_frames=8, tile=32, tiling="official")
-    assert _maxdiff(decoded, io["x_tiled_dec"]) <= TOL
+    model = _with_fixture_tiling(small)
+    assert model.official_tiling_for() == OfficialTiling(32, 4, 0.25, 9, 3)
+    result = encode_tensor(model, io["x"], tiling="official")
+    assert _maxdiff(result.mean, io["x_tiled_mean"]) <= TOL
+    assert _maxdiff(result.logvar, io["x_tiled_logvar"]) <= TOL
+    assert _maxdiff(decode_tensor(model, io["x_mean"], tiling="official"), io["x_tiled_dec"]) <= TOL
 
 
 def test_engine_official_tiling_options(small):
-    small.official_tiling = replace(small.official_tiling, overlap=0.125)
     with pytest.raises(ValueError, match="inconsistent"):
-        small.official_tiling_for(8, 32)  # the official code would return 9 latent columns for 64 px
-    assert small.official_tiling_for(8, 256).latent_size == 32
-    small.official_tiling = replace(small.official_tiling, overlap=0.25)
-    assert small.official_tiling_for(8, 32) == OfficialTiling(32, 4, 0.25, 9, 3)
-    whole = small.official_tiling_for(0, 0)
+        small.official_tiling_for(8, tile=32)  # overlap 0.125: the official code would return 9 latent columns
+    assert small.official_tiling_for(8, tile=256).latent_size == 32
+    assert small.official_tiling_for(8, 2, 32, 0.25) == OfficialTiling(32, 4, 0.25, 9, 3)
+    assert small.official_tiling_for() == OfficialTiling(256, 32, 0.125, 33, 16)
+    whole = small.official_tiling_for(0, 0, 0)
     assert min(whole.sample_size, whole.sample_frames, whole.latent_size, whole.latent_frames) > 1 << 20
     x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
     with pytest.raises(ValueError, match="no official tiling"):
         encode_tensor(from_preset("tiny"), x, tiling="official")
     with torch.no_grad():
         expected = small.encode(x).mean
-    assert _maxdiff(encode_tensor(small, x, chunk_frames=16, tiling="official").mean, expected) == 0
+    assert _maxdiff(encode_tensor(small, x, tiling="official").mean, expected) == 0
+    with pytest.raises(TypeError, match="ODVAEConfig"):
+        ODVAE(PRESETS["tiny"][1])
+    # the official decode windows (16 latents, stride 15) do not follow the encode windows
+    assert PRESETS["od-vae"][1].official_frames == 32 and PRESETS["od-vae"][1].official_decode_latents == 15
+    model = _with_fixture_tiling(small)
+    only_encode = EngineOptions(tiling="official", official_frames=16).official_tiling(model)
+    assert (only_encode.sample_frames, only_encode.latent_frames) == (17, 3)
+    only_decode = EngineOptions(tiling="official", official_decode_latents=5).official_tiling(model)
+    assert (only_decode.sample_frames, only_decode.latent_frames, only_decode.sample_size) == (9, 6, 32)
 
 
 # --- exact streaming ----------------------------------------------------------------------------------------

@@ -60,6 +60,12 @@ class LossConfig:
     disc_start: int = 2000  # optimizer step at which the discriminator and GAN loss switch on
     adaptive_weight_max: float = 1e4
     sample_posterior: bool = True
+    # CV-VAE latent regularisation (train/compat.py): a frozen local image VAE (diffusers AutoencoderKL
+    # folder or .safetensors file; never downloaded) decodes the latent frames (compat_side=decoder) or
+    # encodes the matching frames (encoder); the L1 term is weighted by compat_weight (0 = off).
+    image_vae: str | None = None
+    compat_weight: float = 0.0
+    compat_side: str = "decoder"
 
 
 @dataclass
@@ -297,6 +303,14 @@ def validate(cfg: TrainConfig) -> None:
                 problems.append(f"loss.lpips_weight > 0 needs loss.{key} (a local weights file; nothing is downloaded)")
             elif not os.path.isfile(value):
                 problems.append(f"loss.{key}: LPIPS weights file not found: {value}")
+    if lo.compat_side not in ("decoder", "encoder"):
+        problems.append(f"loss.compat_side must be decoder or encoder, got {lo.compat_side!r}")
+    if lo.compat_weight < 0:
+        problems.append("loss.compat_weight must be >= 0")
+    if lo.compat_weight > 0 and not lo.image_vae:
+        problems.append("loss.compat_weight > 0 needs loss.image_vae (a local AutoencoderKL; nothing is downloaded)")
+    elif lo.compat_weight > 0 and not os.path.exists(lo.image_vae):
+        problems.append(f"loss.image_vae: image VAE not found: {lo.image_vae}")
     if problems:
         raise ConfigError("invalid training config: " + "; ".join(problems))
 

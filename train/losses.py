@@ -6,7 +6,9 @@ whatever a model-specific hook adds).
 
 Model-specific terms: a model may define ``training_losses(x, recon, posterior) -> dict[str, Tensor]``
 (already weighted scalars), or a function can be registered for its family in :data:`EXTRA_LOSSES`;
-each returned term is added to the total and logged under its name.
+each returned term is added to the total and logged under its name. The latent regularisation
+against a frozen image VAE (``loss.compat_weight > 0``, :mod:`train.compat`) is added the same way,
+as the term ``compat``.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ class VAELoss(nn.Module):
             from .lpips import LPIPS
 
             self.lpips = LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_lin)
+        self.compat = None
+        if cfg.compat_weight > 0:
+            from .compat import CompatibilityLoss
+
+            self.compat = CompatibilityLoss.from_path(cfg.image_vae, cfg.compat_weight, cfg.compat_side)
 
     def nll(self, x: Tensor, recon: Tensor, terms: dict[str, Tensor] | None = None) -> Tensor:
         """Weighted reconstruction (+ LPIPS) loss; fills ``terms`` with the unweighted parts."""
@@ -113,7 +120,10 @@ class VAELoss(nn.Module):
             terms["gan"] = g
             terms["gan_weight"] = w
             total = total + cfg.disc_weight * w * g
-        for name, value in model_terms(model, x, recon, posterior).items():
+        extra = model_terms(model, x, recon, posterior)
+        if self.compat is not None:
+            extra.update(self.compat(model, x, posterior))
+        for name, value in extra.items():
             terms[name] = value
             total = total + value
         terms["total"] = total

@@ -376,15 +376,19 @@ def load_training_state(ckpt_dir: Path, tag: str, engines: dict, ema, rank: int,
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, clips: list[torch.Tensor]) -> tuple[dict, torch.Tensor]:
-    """Posterior-mean reconstructions of the fixed clips -> ({psnr, ssim}, preview image)."""
+def validate(model: torch.nn.Module, clips: list[torch.Tensor], compat=None) -> tuple[dict, torch.Tensor]:
+    """Posterior-mean reconstructions of the fixed clips -> ({psnr, ssim}, preview image); with a
+    :class:`train.compat.CompatibilityLoss`, also ``compat_psnr``: PSNR of the image-VAE-decoded
+    latent frames against the matching video frames."""
     param = next(model.parameters())
     dtype, device = param.dtype, param.device  # the EMA copy stays fp32 under bf16/fp16 training
     was_training = model.training
     model.eval()
-    p, s, preview = [], [], None
+    p, s, c, preview = [], [], [], None
     for clip in clips:
         x = clip.unsqueeze(0).to(device)
+        if compat is not None:
+            c.append(compat.compatibility_psnr(model, x.to(dtype)))
         recon, _ = model(x.to(dtype), sample=False)
         recon = recon.float().clamp(-1, 1)
         p.append(psnr(x, recon).clamp(max=100).mean().item())
@@ -392,7 +396,10 @@ def validate(model: torch.nn.Module, clips: list[torch.Tensor]) -> tuple[dict, t
         if preview is None:
             preview = preview_image(x[0], recon[0])
     model.train(was_training)
-    return {"psnr": float(np.mean(p)), "ssim": float(np.mean(s))}, preview
+    values = {"psnr": float(np.mean(p)), "ssim": float(np.mean(s))}
+    if c:
+        values["compat_psnr"] = float(np.mean(c))
+    return values, preview
 
 
 class RunLog:
@@ -468,6 +475,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     disc = PatchDiscriminator3D(model.config.in_channels, cfg.disc.channels, cfg.disc.layers)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.optim.ema_decay > 0 else None
     loss_fn = VAELoss(cfg.loss)
+    if loss_fn.compat is not None:
+        loss_fn.compat.check_model(model)
     seed_everything(cfg.seed + 1000003 * rank)
 
     o = cfg.optim
@@ -566,7 +575,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             runlog.write("train", step, {**sums, "lr": vae_engine.get_lr()[0], "samples_per_s": rate,
                                          "elapsed_s": elapsed})
         if is_main and val_clips and (step % cfg.val_every == 0 or final):
-            last_val, preview = validate(ema if ema is not None else vae, val_clips)
+            last_val, preview = validate(ema if ema is not None else vae, val_clips, loss_fn.compat)
             write_png(run_dir / "previews" / f"step_{step:08d}.png", preview)
             runlog.write("val", step, last_val)
             bar.write(f"step {step}: val PSNR {last_val['psnr']:.2f} dB, SSIM {last_val['ssim']:.4f}")
@@ -578,7 +587,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                              cfg, step)
     bar.close()
     if is_main and val_clips and not last_val:
-        last_val, preview = validate(ema if ema is not None else vae, val_clips)
+        last_val, preview = validate(ema if ema is not None else vae, val_clips, loss_fn.compat)
         write_png(run_dir / "previews" / f"step_{counters['step']:08d}.png", preview)
     done = counters["step"] - start_step
     wall = time.time() - t_start

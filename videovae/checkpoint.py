@@ -18,14 +18,21 @@ from torch import nn
 
 from videovae.fileutil import atomic_path
 from videovae.models import build_model, family_of
+from videovae.statedict import CheckpointError, load_state_dict_strict
+
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "load_state_dict_strict",
+    "model_digest",
+    "read_metadata",
+    "save_checkpoint",
+    "weights_digest",
+]
 
 CHECKPOINT_FORMAT = "videovae-checkpoint"
 CHECKPOINT_VERSION = 1
 METADATA_KEY = "videovae"
-
-
-class CheckpointError(ValueError):
-    """A weights file that videovae cannot load (named in the message)."""
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -104,24 +111,3 @@ def load_checkpoint(
     model._videovae_digest = meta.get("weights_sha256") or weights_digest(state)
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-
-
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict that names every missing, unexpected or mis-shaped key in its error."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
-        if shapes:
-            parts.append(
-                "shape mismatch: "
-                + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:20])
-            )
-        raise CheckpointError(f"{source}: weights do not fit the model ({'; '.join(parts)})")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})

@@ -7,6 +7,7 @@ status 1; outputs are written atomically, so a failed command leaves no partial 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -61,7 +62,11 @@ def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype")
     g.add_argument("--tiling", default="halo", choices=TILINGS,
                    help="halo: cache-carrying chunks and halo tiles (default); official: the model's own windowed "
-                        "tiling (OD-VAE: windows of 1 + chunk-frames frames, tiles of --tile px, whole clip in memory)")
+                        "tiling with the official sizes stored in its config (whole clip in memory); then "
+                        "--chunk-frames, --decode-latents, --tile and --tile-overlap each override one size")
+    g.add_argument("--decode-latents", type=int, default=None,
+                   help="--tiling official: latents per decode window after the first (0 = no windows)")
+    g.add_argument("--tile-overlap", type=float, default=None, help="--tiling official: tile overlap ratio")
     if frames:
         g.add_argument("--max-frames", type=int, default=None, help="read at most this many frames")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -69,6 +74,21 @@ def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
 
 def _engine_options(args, model, height: int, width: int) -> EngineOptions:
     dtype = DTYPES[args.dtype]
+    if getattr(args, "tiling", "halo") == "official":
+        if args.max_memory is not None:
+            raise CLIError("--max-memory plans halo tiling; it cannot be combined with --tiling official")
+        return EngineOptions(
+            device=args.device,
+            dtype=dtype,
+            progress=not args.quiet,
+            tiling="official",
+            official_frames=args.chunk_frames,
+            official_decode_latents=args.decode_latents,
+            official_tile=args.tile,
+            official_overlap=args.tile_overlap,
+        )
+    if args.decode_latents is not None or args.tile_overlap is not None:
+        raise CLIError("--decode-latents and --tile-overlap only apply with --tiling official")
     chunk, tile = args.chunk_frames, args.tile
     if args.max_memory is not None:
         budget = parse_size(args.max_memory)
@@ -84,6 +104,13 @@ def _engine_options(args, model, height: int, width: int) -> EngineOptions:
         progress=not args.quiet,
         tiling=getattr(args, "tiling", "halo"),
     )
+
+
+def _tiling_record(opts: EngineOptions, model) -> dict:
+    """How a latent file was made: the halo chunk/tile sizes, or the official sizes used."""
+    if opts.tiling == "official":
+        return {"tiling": "official", "official_tiling": dataclasses.asdict(opts.official_tiling(model))}
+    return {"chunk_frames": opts.chunk_frames, "tile": opts.tile, "tiling": opts.tiling}
 
 
 def _load_model(args, weights: str | None = None):
@@ -127,7 +154,7 @@ def _encode_file(args, model, path: str, sample: bool, seed: int | None):
     else:
         latent = result.mean
     digest = model_digest(model)
-    extra = {"chunk_frames": opts.chunk_frames, "tile": opts.tile, "tiling": opts.tiling}
+    extra = _tiling_record(opts, model)
     shipped = shipped_name_of(digest)
     if shipped is not None:
         extra["shipped_model"] = shipped
@@ -165,6 +192,7 @@ def _decode_to_writer(args, model, latent: torch.Tensor, meta: LatentMeta, out: 
 
 
 def cmd_init(args) -> None:
+    from videovae.models import cvvae
     from videovae.models.odvae import inflate_image_vae, load_image_vae, widen_latent
 
     torch.manual_seed(args.seed)
@@ -181,10 +209,18 @@ def cmd_init(args) -> None:
         extra = {"widened_from": os.path.basename(args.from_checkpoint), "seed": args.seed}
     elif args.from_image_vae:
         family, config = PRESETS[args.model] if args.model in PRESETS else (None, None)
-        if family != "od-vae":
-            raise CLIError(f"--from-image-vae inflates into an od-vae preset, not {args.model!r}")
-        model = inflate_image_vae(load_image_vae(args.from_image_vae), config, init=args.init)
-        extra.update(image_vae=os.path.basename(args.from_image_vae.rstrip("/")), init=args.init)
+        if family == "od-vae":
+            init = args.init or "tail"
+            model = inflate_image_vae(load_image_vae(args.from_image_vae), config, init=init)
+        elif family == "cv-vae":
+            if args.init is not None:
+                raise CLIError("--init applies to od-vae presets; cv-vae kernels go to the slot that sees the "
+                               "current frame")
+            init = "current-frame"
+            model = cvvae.inflate_image_vae(cvvae.load_image_vae(args.from_image_vae), config)
+        else:
+            raise CLIError(f"--from-image-vae inflates into an od-vae or cv-vae preset, not {args.model!r}")
+        extra.update(image_vae=os.path.basename(args.from_image_vae.rstrip("/")), init=init)
     else:
         model = from_preset(args.model)
     if args.widen_latent is not None:
@@ -198,10 +234,11 @@ def cmd_init(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from videovae.models.odvae import convert_official
+    from videovae.models import cvvae, odvae
 
+    converters = {"od-vae-official": odvae.convert_official, "cv-vae-official": cvvae.convert_official}
     _check_output_parent(args.output)
-    model = convert_official(args.src, prefer_ema=not args.no_ema)
+    model = converters[args.from_format](args.src, prefer_ema=not args.no_ema)
     extra = {"converted_from": args.from_format, "source": os.path.basename(args.src.rstrip("/"))}
     digest = save_checkpoint(args.output, model, dtype=DTYPES[args.dtype] if args.dtype else None, extra=extra)
     params = model.num_parameters()
@@ -345,7 +382,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_models(args) -> None:
-    print(f"{'preset':<16} {'family':<12} {'compression':<12} {'z':>3} {'encoder':>12} {'decoder':>12}  notes")
+    print(f"{'preset':<20} {'family':<12} {'compression':<12} {'z':>3} {'encoder':>12} {'decoder':>12}  notes")
     for name, (family, cfg) in PRESETS.items():
         with torch.device("meta"):  # shapes only: counting parameters needs no memory
             model = from_preset(name)
@@ -354,10 +391,12 @@ def cmd_models(args) -> None:
         notes.append("exact streaming" if cfg.exactly_streamable else "approximate streaming")
         if cfg.halo_tiling_exact:
             notes.append("exact halo tiling")
+        if hasattr(model, "official_encode"):
+            notes.append("official tiling")
         if name in SHIPPED:
             notes.append("shipped weights (default model)" if name == DEFAULT_MODEL else "shipped weights")
         comp = f"{cfg.time_factor}x{cfg.space_factor}x{cfg.space_factor}"
-        print(f"{name:<16} {family:<12} {comp:<12} {cfg.latent_channels:>3} {params['encoder']:>12,} "
+        print(f"{name:<20} {family:<12} {comp:<12} {cfg.latent_channels:>3} {params['encoder']:>12,} "
               f"{params['decoder']:>12,}  {', '.join(notes)}")
 
 
@@ -389,9 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="store weights in this dtype")
     p.add_argument("--from-image-vae", default=None, metavar="PATH",
-                   help="inflate a 2D SD-style AutoencoderKL (diffusers .safetensors) into the --model preset")
-    p.add_argument("--init", default="tail", choices=("tail", "center"),
-                   help="temporal slot of the inflated 2D kernels (default tail: the current frame)")
+                   help="inflate a 2D SD-style AutoencoderKL (diffusers folder or .safetensors) into the --model "
+                        "preset (od-vae or cv-vae)")
+    p.add_argument("--init", default=None, choices=("tail", "center"),
+                   help="od-vae: temporal slot of the inflated 2D kernels (default tail: the current frame)")
     p.add_argument("--from-checkpoint", default=None, metavar="W.safetensors",
                    help="start from this trained checkpoint (with --widen-latent)")
     p.add_argument("--widen-latent", type=int, default=None, metavar="N",
@@ -400,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="official weights -> videovae checkpoint")
     p.add_argument("src", help="official folder (config.json + weights) or weights file (.safetensors/.bin/.pt/.ckpt)")
-    p.add_argument("--from", dest="from_format", required=True, choices=("od-vae-official",), help="source format")
+    p.add_argument("--from", dest="from_format", required=True, choices=("od-vae-official", "cv-vae-official"),
+                   help="source format")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--no-ema", action="store_true", help="training checkpoints: use state_dict, not ema_state_dict")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="store weights in this dtype")

@@ -58,10 +58,15 @@ class EngineOptions:
         statistics (one run of the tiled part; approximate), ``exact`` exchanges whole-frame
         statistics between tiles (see :class:`videovae.layers.NormSync`) so that tiled equals
         untiled, at the cost of one extra run of the tiled part per GroupNorm layer in it.
-    tiling: ``halo`` (the engine above) or ``official``: the model's own windowed tiling (OD-VAE:
-        temporal windows of ``1 + chunk_frames`` frames sharing one frame, no cache across them,
-        spatial tiles of ``tile`` pixels cross-faded as the official code does; the whole clip is
-        held in memory). Only models with ``official_encode`` / ``official_decode`` support it.
+    tiling: ``halo`` (the engine above) or ``official``: the model's own windowed tiling, as its
+        official code does it (temporal windows sharing one frame, no cache across them, spatial
+        tiles cross-faded; the whole clip is held in memory). Window and tile sizes come from the
+        model's config (the official defaults); ``chunk_frames`` and ``tile`` are not used. Only
+        models with ``official_encode`` / ``official_decode`` support it.
+    official_frames, official_decode_latents, official_tile, official_overlap: with
+        ``tiling='official'``, each overrides one value of the config's official tiling: encode
+        windows of ``1 + official_frames`` frames, decode windows of ``1 + official_decode_latents``
+        latents, tiles of ``official_tile`` pixels, the overlap ratio (0 = untiled). None keeps it.
     """
 
     chunk_frames: int = DEFAULT_CHUNK_FRAMES
@@ -73,6 +78,19 @@ class EngineOptions:
     dtype: torch.dtype = torch.float32
     progress: bool = False
     tiling: str = "halo"
+    official_frames: int | None = None
+    official_decode_latents: int | None = None
+    official_tile: int | None = None
+    official_overlap: float | None = None
+
+    def official_tiling(self, model):
+        """The model's official tiling with these options' overrides applied."""
+        return model.official_tiling_for(
+            frames=self.official_frames,
+            decode_latents=self.official_decode_latents,
+            tile=self.official_tile,
+            overlap=self.official_overlap,
+        )
 
 
 TILINGS = ("halo", "official")
@@ -368,7 +386,7 @@ def encode_chunks(model, chunks: Iterable[Tensor], opts: EngineOptions | None = 
     sf = model.space_factor
     if official:
         (x,) = list(source)  # chunk_frames=0: the whole padded clip in one piece
-        tiling = model.official_tiling_for(opts.chunk_frames, opts.tile)
+        tiling = opts.official_tiling(model)
         posterior = model.posterior(model.official_encode(x.to(opts.device, opts.dtype), tiling).float().cpu())
         return EncodeResult(posterior.mean, posterior.logvar, source.geometry)
     moments: list[Tensor] = []
@@ -431,7 +449,7 @@ def decode_chunks(model, z: Tensor, opts: EngineOptions | None = None) -> Iterat
         raise ValueError(f"expected latents (1, {model.latent_channels}, T, h, w), got {tuple(z.shape)}")
     sf = model.space_factor
     if opts.tiling == "official":
-        tiling = model.official_tiling_for(opts.chunk_frames, opts.tile)
+        tiling = opts.official_tiling(model)
         yield model.official_decode(z.to(opts.device, opts.dtype), tiling).float()
         return
     plan = plan_tiles(model, z.shape[-2], z.shape[-1], opts, encoder=False)

@@ -14,7 +14,9 @@ from torch import nn
 
 from videovae.models.causal_vae import PRESETS as CAUSAL_VAE_PRESETS
 from videovae.models.causal_vae import CausalVAE, CausalVAEConfig
-from videovae.models.odvae import ODVAE
+from videovae.models.cvvae import CVVAE, CVVAEConfig
+from videovae.models.cvvae import PRESETS as CVVAE_PRESETS
+from videovae.models.odvae import ODVAE, ODVAEConfig
 from videovae.models.odvae import PRESETS as ODVAE_PRESETS
 
 
@@ -27,12 +29,14 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "causal-vae": Family("causal-vae", CausalVAEConfig, CausalVAE),
-    "od-vae": Family("od-vae", CausalVAEConfig, ODVAE),
+    "od-vae": Family("od-vae", ODVAEConfig, ODVAE),
+    "cv-vae": Family("cv-vae", CVVAEConfig, CVVAE),
 }
 
 # preset name -> (family name, config)
 PRESETS: dict[str, tuple[str, Any]] = {name: ("causal-vae", cfg) for name, cfg in CAUSAL_VAE_PRESETS.items()}
 PRESETS.update({name: ("od-vae", cfg) for name, cfg in ODVAE_PRESETS.items()})
+PRESETS.update({name: ("cv-vae", cfg) for name, cfg in CVVAE_PRESETS.items()})
 
 
 def family_of(name: str) -> Family:
@@ -58,4 +62,16 @@ def from_preset(name: str) -> nn.Module:
     return build_model(family, config)
 
 
-__all__ = ["FAMILIES", "ODVAE", "PRESETS", "CausalVAE", "CausalVAEConfig", "build_model", "family_of", "from_preset"]
+__all__ = [
+    "CVVAE",
+    "FAMILIES",
+    "ODVAE",
+    "ODVAEConfig",
+    "PRESETS",
+    "CVVAEConfig",
+    "CausalVAE",
+    "CausalVAEConfig",
+    "build_model",
+    "family_of",
+    "from_preset",
+]

@@ -41,29 +41,55 @@ import torch
 from torch import Tensor
 
 from videovae.models.causal_vae import CausalVAE, CausalVAEConfig
+from videovae.statedict import CheckpointError, find_weights, load_state_dict_strict, read_weights, strip_module
 
 SCALING_FACTOR = 0.18215
 
 
-class ODVAE(CausalVAE):
-    """A :class:`CausalVAE` of the OD-VAE family; adds the official windowed tiling.
+@dataclass(frozen=True)
+class ODVAEConfig(CausalVAEConfig):
+    """:class:`CausalVAEConfig` plus the official windowed tiling (``--tiling official``): encode
+    windows of ``1 + official_frames`` frames every ``official_frames`` (official: 33 / 32),
+    decode windows of ``1 + official_decode_latents`` latents every ``official_decode_latents``
+    (official: 16 / 15, independent of the encode windows), spatial tiles of ``official_tile``
+    pixels (256) with overlap factor ``official_overlap`` (0.125)."""
 
-    ``official_tiling`` holds the tile sizes the official model keeps as attributes
-    (class defaults: 256 px / 32 latents spatial, 33 frames / 16 latents temporal, overlap 0.125).
-    """
+    official_frames: int = 32
+    official_decode_latents: int = 15
+    official_tile: int = 256
+    official_overlap: float = 0.125
+
+
+class ODVAE(CausalVAE):
+    """A :class:`CausalVAE` of the OD-VAE family; adds the official windowed tiling, whose sizes
+    live in the config (:class:`ODVAEConfig`)."""
 
     family = "od-vae"
+    config_class = ODVAEConfig
 
-    def __init__(self, config: CausalVAEConfig):
+    def __init__(self, config: ODVAEConfig):
+        if not isinstance(config, ODVAEConfig):
+            raise TypeError(f"ODVAE needs an ODVAEConfig (see odvae_config), got {type(config).__name__}")
         super().__init__(config)
-        self.official_tiling = OfficialTiling()
 
-    def official_tiling_for(self, chunk_frames: int, tile: int) -> OfficialTiling:
-        """Engine options as official tile sizes: temporal windows of ``1 + chunk_frames`` frames
-        (``1 + chunk_frames / 4`` latents), spatial tiles of ``tile`` pixels (``tile / 8`` latents),
-        0 = untiled in that dimension; the overlap factor is ``self.official_tiling.overlap``."""
+    def official_tiling_for(
+        self,
+        frames: int | None = None,
+        decode_latents: int | None = None,
+        tile: int | None = None,
+        overlap: float | None = None,
+    ) -> OfficialTiling:
+        """The official tiling of this config, each given value overriding one setting: ``frames``
+        (encode windows of ``1 + frames`` frames every ``frames``), ``decode_latents`` (decode
+        windows of ``1 + decode_latents`` latents, independent of the encode windows), ``tile``
+        (pixels; ``tile / 8`` latents), ``overlap`` (``tile_overlap_factor``). 0 = untiled in that
+        dimension."""
+        cfg = self.config
+        frames = cfg.official_frames if frames is None else frames
+        decode_latents = cfg.official_decode_latents if decode_latents is None else decode_latents
+        tile = cfg.official_tile if tile is None else tile
+        overlap = cfg.official_overlap if overlap is None else overlap
         untiled = 1 << 30
-        overlap = self.official_tiling.overlap
         if tile:
             latent = tile // self.space_factor
             if int(tile * (1 - overlap)) != self.space_factor * (latent - int(latent * overlap)):
@@ -76,18 +102,18 @@ class ODVAE(CausalVAE):
             sample_size=tile or untiled,
             latent_size=tile // self.space_factor if tile else untiled,
             overlap=overlap,
-            sample_frames=1 + chunk_frames if chunk_frames else untiled,
-            latent_frames=1 + chunk_frames // self.time_factor if chunk_frames else untiled,
+            sample_frames=1 + frames if frames else untiled,
+            latent_frames=1 + decode_latents if decode_latents else untiled,
         )
 
     def official_encode(self, x: Tensor, tiling: OfficialTiling | None = None) -> Tensor:
         """x: NCTHW in [-1, 1] -> raw moments (N, 2z, T', h, w), tiled as the official ``encode``
         does with ``use_tiling`` on (see :func:`official_tiled_encode`)."""
-        return official_tiled_encode(self, x, tiling or self.official_tiling)
+        return official_tiled_encode(self, x, tiling or self.official_tiling_for())
 
     def official_decode(self, z: Tensor, tiling: OfficialTiling | None = None) -> Tensor:
         """z: unscaled latents -> NCTHW, tiled as the official ``decode`` with ``use_tiling`` on."""
-        return official_tiled_decode(self, z, tiling or self.official_tiling)
+        return official_tiled_decode(self, z, tiling or self.official_tiling_for())
 
 
 # --- presets ------------------------------------------------------------------------------------
@@ -101,7 +127,7 @@ def odvae_config(
     base_channels: int = 128,
     channel_mult: tuple[int, ...] = (1, 2, 4, 4),
     latent_channels: int = 4,
-) -> CausalVAEConfig:
+) -> ODVAEConfig:
     """OD-VAE layout with time compressed by the downsamplers of the levels flagged in
     ``temporal_down``. Encoder levels still at the full frame rate use 2D (per-frame) blocks, the
     rest 3D blocks (this rule gives the released 2D, 2D, 3D, 3D for time at levels 1 and 2);
@@ -112,7 +138,7 @@ def odvae_config(
         kinds.append("3d" if all_3d or not full_rate else "2d")
         if i < len(temporal_down) and temporal_down[i]:
             full_rate = False
-    return CausalVAEConfig(
+    return ODVAEConfig(
         base_channels=base_channels,
         channel_mult=channel_mult,
         num_res_blocks=2,
@@ -134,7 +160,7 @@ def odvae_config(
     )
 
 
-PRESETS: dict[str, CausalVAEConfig] = {
+PRESETS: dict[str, ODVAEConfig] = {
     # The released v1.2 model (verified against the official code and its parameter count):
     # time compressed after encoder levels 1 and 2, 4x8x8, z=4, 239,189,991 parameters.
     "od-vae": odvae_config(),
@@ -151,7 +177,7 @@ PRESETS: dict[str, CausalVAEConfig] = {
 }
 
 
-# --- official config.json -> CausalVAEConfig --------------------------------------------------------
+# --- official config.json -> ODVAEConfig --------------------------------------------------------
 
 _BLOCK_KINDS = {"ResnetBlock2D": "2d", "ResnetBlock3D": "3d"}
 _CONV_IN_KINDS = {"Conv2d": "2d", "CausalConv3d": "3d"}
@@ -159,8 +185,8 @@ _DOWN_KINDS = {"Downsample": False, "Spatial2xTime2x3DDownsample": True}
 _UP_KINDS = {"SpatialUpsample2x": False, "Spatial2xTime2x3DUpsample": True}
 
 
-def config_from_official(cfg: dict[str, Any]) -> CausalVAEConfig:
-    """Map the official ``CausalVAEModel`` config (config.json) to a :class:`CausalVAEConfig`.
+def config_from_official(cfg: dict[str, Any]) -> ODVAEConfig:
+    """Map the official ``CausalVAEModel`` config (config.json) to an :class:`ODVAEConfig`.
 
     Missing fields take the released v1.2 values. Fields that do not change the architecture
     (``_class_name``, ``_diffusers_version``, ``dropout``, ``resolution``, legacy training keys, ...)
@@ -307,12 +333,6 @@ def map_official_key(key: str) -> str | None:
     return key if any(rule.fullmatch(key) for rule in _KEY_RULES) else None
 
 
-def _strip_module(key: str) -> str:
-    while key.startswith("module."):
-        key = key[len("module.") :]
-    return key.replace(".module.", ".")
-
-
 def unwrap_official_state(obj: Any, prefer_ema: bool = True, source: str = "checkpoint") -> dict[str, Tensor]:
     """The autoencoder state dict inside an official checkpoint object.
 
@@ -335,41 +355,11 @@ def unwrap_official_state(obj: Any, prefer_ema: bool = True, source: str = "chec
     for key, value in state.items():
         if not isinstance(value, Tensor):
             raise ValueError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        key = _strip_module(key)
+        key = strip_module(key)
         if key.startswith(DROPPED_PREFIXES):
             continue
         out[key] = value
     return out
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
-def _read_weights(path: Path) -> Any:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if path.suffix in _WEIGHT_SUFFIXES:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    raise ValueError(f"{path}: unknown weights format (expected one of {', '.join(_WEIGHT_SUFFIXES)})")
-
-
-def _find_weights(folder: Path) -> Path:
-    """The weights file of a released folder: ``diffusion_pytorch_model.safetensors`` / ``.bin``,
-    else the only weights file, else the last ``*.ckpt`` by name (the official side path)."""
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-    ckpts = [p for p in files if p.suffix == ".ckpt"]
-    if ckpts:
-        return ckpts[-1]
-    if len(files) == 1:
-        return files[0]
-    if not files:
-        raise FileNotFoundError(f"{folder}: no weights file ({', '.join(_WEIGHT_SUFFIXES)})")
-    raise ValueError(f"{folder}: several weights files, pass one: {', '.join(p.name for p in files)}")
 
 
 def convert_official(src: str | os.PathLike, *, prefer_ema: bool = True, config: dict | None = None) -> ODVAE:
@@ -383,19 +373,17 @@ def convert_official(src: str | os.PathLike, *, prefer_ema: bool = True, config:
     starting with ``loss.``, ``discriminator.``, ``disc_model.`` or ``dics_model.`` are dropped.
     The architecture comes from ``config`` (official field names), else ``config.json`` beside the
     weights, else the released v1.2 layout. Any other unexpected key, a missing key or a shape
-    mismatch raises :class:`videovae.checkpoint.CheckpointError` listing them.
+    mismatch raises :class:`videovae.statedict.CheckpointError` listing them.
     """
-    from videovae.checkpoint import CheckpointError, load_state_dict_strict
-
     path = Path(src)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     folder = path if path.is_dir() else path.parent
-    weights = _find_weights(path) if path.is_dir() else path
+    weights = find_weights(path) if path.is_dir() else path
     if config is None and (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text())
     cfg = config_from_official(config or {})
-    state = unwrap_official_state(_read_weights(weights), prefer_ema=prefer_ema, source=str(weights))
+    state = unwrap_official_state(read_weights(weights), prefer_ema=prefer_ema, source=str(weights))
     unknown = sorted(k for k in state if map_official_key(k) is None)
     if unknown:
         shown = ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
@@ -583,7 +571,7 @@ def inflate_weight(w2d: Tensor, target_shape: torch.Size, init: InflateInit = "t
     raise ValueError(f"cannot inflate a weight of shape {tuple(w2d.shape)} to {tuple(target_shape)}")
 
 
-def inflate_image_vae(state_2d: dict[str, Tensor], config: CausalVAEConfig, init: InflateInit = "tail") -> ODVAE:
+def inflate_image_vae(state_2d: dict[str, Tensor], config: ODVAEConfig, init: InflateInit = "tail") -> ODVAE:
     """Build an :class:`ODVAE` of ``config`` from a 2D SD-style AutoencoderKL state dict (diffusers
     names ``encoder.down_blocks.{i}.resnets.{j}``, ``mid_block.attentions.0.{to_q,to_k,to_v,to_out.0}``
     or the older ``query/key/value/proj_attn``, ``decoder.up_blocks``, ``quant_conv``, ...).
