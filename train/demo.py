@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from videovae.demo import cli_command
 from videovae.io import VideoReader, write_video
 from videovae.synthetic import write_synthetic_video
 
@@ -41,15 +42,6 @@ def make_sample(out: Path) -> str:
         return f"first {FRAMES} frames of {SHARED_CLIP} resized to {WIDTH}x{HEIGHT}"
     write_synthetic_video(out, FRAMES, HEIGHT, WIDTH, seed=3, crf=12)
     return f"synthetic clip (videovae.synthetic, seed 3), {FRAMES} frames {WIDTH}x{HEIGHT}"
-
-
-def cli_command() -> list[str]:
-    """The installed ``videovae`` console script next to this interpreter, else ``python -m videovae.cli``."""
-    script = Path(sys.executable).with_name("videovae")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("videovae")
-    return [found] if found else [sys.executable, "-m", "videovae.cli"]
 
 
 def main() -> int:
