@@ -8,6 +8,7 @@ file of a released folder.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,37 @@ def strip_module(key: str) -> str:
     while key.startswith("module."):
         key = key[len("module.") :]
     return key.replace(".module.", ".")
+
+
+def unwrap_training_state(obj: Any, *, prefer_ema: bool, source: str, rename: Callable[[str], str],
+                          dropped: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The autoencoder weights inside an official checkpoint object.
+
+    Accepts a plain state dict, ``{"state_dict": ...}`` (Lightning), ``{"state_dict": {"gen_model":
+    ...}}``, ``{"module": ...}`` (DeepSpeed) and ``{"ema_state_dict": ...}`` (used first when non-empty
+    and ``prefer_ema``). Each key goes through the family's ``rename``; keys starting with one of
+    ``dropped`` (loss, discriminator) are left out; any entry that is not a tensor is an error.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"{source}: expected a state dict, got {type(obj).__name__}")
+    if prefer_ema and isinstance(obj.get("ema_state_dict"), dict) and obj["ema_state_dict"]:
+        state = obj["ema_state_dict"]
+    elif isinstance(obj.get("state_dict"), dict):
+        state = obj["state_dict"]
+        if isinstance(state.get("gen_model"), dict):
+            state = state["gen_model"]
+    elif isinstance(obj.get("module"), dict):
+        state = obj["module"]
+    else:
+        state = obj
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        key = rename(key)
+        if not key.startswith(dropped):
+            out[key] = value
+    return out
 
 
 def read_weights(path: Path) -> Any:

@@ -60,7 +60,13 @@ from videovae.layers import (
     single_head_attention,
 )
 from videovae.models.causal_vae import DiagonalGaussian
-from videovae.statedict import CheckpointError, find_weights, load_state_dict_strict, read_weights
+from videovae.statedict import (
+    CheckpointError,
+    find_weights,
+    load_state_dict_strict,
+    read_weights,
+    unwrap_training_state,
+)
 
 LAYOUTS = ("sd21", "sd3")
 TEMPORAL_ATTENTIONS = ("full", "causal", "none")
@@ -1004,32 +1010,20 @@ def map_official_key(key: str, config: CVVAEConfig) -> str | None:
 DROPPED_PREFIXES = ("loss.", "discriminator.", "disc_model.")
 
 
+def _strip_wrappers(key: str) -> str:
+    """Remove ``module.`` / ``vae.`` / ``first_stage_model.`` / ``model.`` wrapper prefixes."""
+    for prefix in ("module.", "vae.", "first_stage_model.", "model."):
+        if key.startswith(prefix) and not key.startswith(("encoder.", "decoder.")):
+            key = key[len(prefix) :]
+    return key
+
+
 def unwrap_official_state(obj: Any, prefer_ema: bool = True, source: str = "checkpoint") -> dict[str, Tensor]:
-    """The autoencoder weights in an official checkpoint: a plain state dict, ``{"state_dict": ...}``
-    (Lightning), ``{"module": ...}`` (DeepSpeed) or ``{"ema_state_dict": ...}`` (used first when
-    ``prefer_ema``); ``module.`` / ``vae.`` / ``first_stage_model.`` prefixes are removed and the
-    loss and discriminator keys (:data:`DROPPED_PREFIXES`) dropped."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"{source}: expected a state dict, got {type(obj).__name__}")
-    if prefer_ema and isinstance(obj.get("ema_state_dict"), dict) and obj["ema_state_dict"]:
-        state = obj["ema_state_dict"]
-    elif isinstance(obj.get("state_dict"), dict):
-        state = obj["state_dict"]
-    elif isinstance(obj.get("module"), dict):
-        state = obj["module"]
-    else:
-        state = obj
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        for prefix in ("module.", "vae.", "first_stage_model.", "model."):
-            if key.startswith(prefix) and not key.startswith(("encoder.", "decoder.")):
-                key = key[len(prefix) :]
-        if key.startswith(DROPPED_PREFIXES):
-            continue
-        out[key] = value
-    return out
+    """The autoencoder weights in an official checkpoint (see
+    :func:`videovae.statedict.unwrap_training_state`): wrapper prefixes removed and the loss and
+    discriminator keys (:data:`DROPPED_PREFIXES`) dropped."""
+    return unwrap_training_state(obj, prefer_ema=prefer_ema, source=source, rename=_strip_wrappers,
+                                 dropped=DROPPED_PREFIXES)
 
 
 def convert_official(src: str | os.PathLike, *, prefer_ema: bool = True, config: dict | None = None) -> CVVAE:

@@ -41,7 +41,14 @@ import torch
 from torch import Tensor
 
 from videovae.models.causal_vae import CausalVAE, CausalVAEConfig
-from videovae.statedict import CheckpointError, find_weights, load_state_dict_strict, read_weights, strip_module
+from videovae.statedict import (
+    CheckpointError,
+    find_weights,
+    load_state_dict_strict,
+    read_weights,
+    strip_module,
+    unwrap_training_state,
+)
 
 SCALING_FACTOR = 0.18215
 
@@ -334,32 +341,11 @@ def map_official_key(key: str) -> str | None:
 
 
 def unwrap_official_state(obj: Any, prefer_ema: bool = True, source: str = "checkpoint") -> dict[str, Tensor]:
-    """The autoencoder state dict inside an official checkpoint object.
-
-    Accepts a plain state dict, ``{"state_dict": ...}``, ``{"state_dict": {"gen_model": ...}}`` and
-    ``{"ema_state_dict": ...}`` (used first when non-empty and ``prefer_ema``, as the official
-    loader does). ``module.`` prefixes (DDP) are removed and keys under :data:`DROPPED_PREFIXES`
-    dropped.
-    """
-    if not isinstance(obj, dict):
-        raise ValueError(f"{source}: expected a state dict, got {type(obj).__name__}")
-    if prefer_ema and isinstance(obj.get("ema_state_dict"), dict) and obj["ema_state_dict"]:
-        state = obj["ema_state_dict"]
-    elif isinstance(obj.get("state_dict"), dict):
-        state = obj["state_dict"]
-        if isinstance(state.get("gen_model"), dict):
-            state = state["gen_model"]
-    else:
-        state = obj
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        key = strip_module(key)
-        if key.startswith(DROPPED_PREFIXES):
-            continue
-        out[key] = value
-    return out
+    """The autoencoder state dict inside an official checkpoint object (see
+    :func:`videovae.statedict.unwrap_training_state`): ``module.`` prefixes (DDP) removed and keys
+    under :data:`DROPPED_PREFIXES` dropped."""
+    return unwrap_training_state(obj, prefer_ema=prefer_ema, source=source, rename=strip_module,
+                                 dropped=DROPPED_PREFIXES)
 
 
 def convert_official(src: str | os.PathLike, *, prefer_ema: bool = True, config: dict | None = None) -> ODVAE:
