@@ -95,19 +95,25 @@ def _with_defaults(config: dict[str, Any], model) -> dict[str, Any]:
         return config  # not this family's config: the comparison below names the difference
 
 
-def check_model_matches(meta: LatentMeta, model, digest: str, path: str) -> None:
-    """A clear error when the latents were made by another architecture or other weights."""
+def check_model_matches(
+    meta, model, digest: str, path: str, *, what: str = "latents", error: type[ValueError] = LatentFileError
+) -> None:
+    """A clear error when the latents were made by another architecture or other weights.
+
+    ``meta`` is any record with ``family``, ``config`` and ``weights_sha256`` (a :class:`LatentMeta`,
+    or a :class:`videovae.tokens.TokenMeta`); ``what`` names the file's contents in the message and
+    ``error`` is the exception class raised, so token files share this check."""
     stored = _with_defaults(meta.config, model)
     if meta.family != model.family or stored != model.config.to_dict():
         diff = sorted(
             k for k in set(stored) | set(model.config.to_dict())
             if stored.get(k) != model.config.to_dict().get(k)
         )
-        raise LatentFileError(
-            f"{path}: latents come from a different model ({meta.family}; differing config: {', '.join(diff) or '-'})"
+        raise error(
+            f"{path}: {what} come from a different model ({meta.family}; differing config: {', '.join(diff) or '-'})"
         )
     if meta.weights_sha256 != digest:
-        raise LatentFileError(
-            f"{path}: latents were encoded with other weights "
+        raise error(
+            f"{path}: {what} were encoded with other weights "
             f"(file {meta.weights_sha256[:12]}, model {digest[:12]}): decode with the same checkpoint"
         )
