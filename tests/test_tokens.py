@@ -36,7 +36,8 @@ def _meta(levels=(8, 5, 5, 5), groups=2, first_frame=False, **kw) -> TokenMeta:
 
 def _tokens(meta: TokenMeta, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    out = {"tokens": torch.randint(0, meta.codebook_size, (1, meta.groups, 5, 8, 13), generator=gen)}
+    latents = 4 if meta.first_frame else 5  # frame 0 of first-frame models is only in first_tokens
+    out = {"tokens": torch.randint(0, meta.codebook_size, (1, meta.groups, latents, 8, 13), generator=gen)}
     if meta.first_frame:
         out["first_tokens"] = torch.randint(0, meta.codebook_size, (1, meta.groups, 1, 16, 26), generator=gen)
     return out
@@ -260,7 +261,7 @@ def test_stats_exact_formulas():
 def test_stats_first_tokens_count():
     meta = _meta(first_frame=True)
     stats = token_stats(_tokens(meta), meta)
-    assert stats["tokens"] == 1040 + 2 * 16 * 26
+    assert stats["tokens"] == 2 * 4 * 8 * 13 + 2 * 16 * 26  # latents 1..4 plus frame 0 at 2x
 
 
 def test_constant_tokens_compress_far_below_raw():

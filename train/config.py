@@ -27,7 +27,10 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # a name from `videovae models`
-    init_weights: str | None = None  # optional videovae checkpoint to start from
+    init_weights: str | None = None  # optional videovae checkpoint to start from (its own architecture)
+    # a checkpoint of the same backbone whose weights start the *preset's* model, which may add a
+    # discrete head (e.g. a continuous OneVAE / converted Wan 2.1 checkpoint -> a discrete OneVAE)
+    init_backbone: str | None = None
     gradient_checkpointing: bool = False
 
 
@@ -60,6 +63,11 @@ class LossConfig:
     disc_start: int = 2000  # optimizer step at which the discriminator and GAN loss switch on
     adaptive_weight_max: float = 1e4
     sample_posterior: bool = True
+    # joint continuous/discrete objective of models with a quantiser (OneVAE): both paths decode the
+    # same encoding; total = continuous_weight * continuous terms + discrete_weight * discrete terms
+    discrete_weight: float = 0.0  # 0 = continuous training only
+    continuous_weight: float = 1.0
+    discrete_ramp_steps: int = 0  # the discrete weight ramps linearly from 0 over these steps
     # CV-VAE latent regularisation (train/compat.py): a frozen local image VAE (diffusers AutoencoderKL
     # folder or .safetensors file; never downloaded) decodes the latent frames (compat_side=decoder) or
     # encodes the matching frames (encoder); the L1 term is weighted by compat_weight (0 = off).
@@ -303,6 +311,12 @@ def validate(cfg: TrainConfig) -> None:
                 problems.append(f"loss.lpips_weight > 0 needs loss.{key} (a local weights file; nothing is downloaded)")
             elif not os.path.isfile(value):
                 problems.append(f"loss.{key}: LPIPS weights file not found: {value}")
+    if lo.discrete_weight < 0 or lo.continuous_weight < 0 or lo.discrete_ramp_steps < 0:
+        problems.append("loss.discrete_weight, loss.continuous_weight and loss.discrete_ramp_steps must be >= 0")
+    if lo.discrete_weight == 0 and lo.continuous_weight == 0:
+        problems.append("loss.discrete_weight and loss.continuous_weight cannot both be 0")
+    if cfg.model.init_weights and cfg.model.init_backbone:
+        problems.append("model.init_weights and model.init_backbone are exclusive (init_backbone keeps the preset)")
     if lo.compat_side not in ("decoder", "encoder"):
         problems.append(f"loss.compat_side must be decoder or encoder, got {lo.compat_side!r}")
     if lo.compat_weight < 0:

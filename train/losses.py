@@ -104,12 +104,34 @@ class VAELoss(nn.Module):
         its (detached) input and returns ``(recon_again, last_layer_weight)``: the adaptive GAN weight
         takes its gradient norms on that small separate graph, so the main graph (and any hooks a
         training engine put on its outputs) sees exactly one backward. Returns (total, terms)."""
-        cfg = self.cfg
         terms: dict[str, Tensor] = {}
-        nll = self.nll(x, recon, terms)
+        total = self.nll(x, recon, terms)
+        return self._finish(model, x, recon, posterior, disc, replay, total, terms)
+
+    def joint(self, model: nn.Module, x: Tensor, out, disc: nn.Module | None,
+              replay: Callable[[], tuple[Tensor, Tensor]] | None, discrete_weight: float
+              ) -> tuple[Tensor, dict[str, float]]:
+        """The joint continuous/discrete objective of OneVAE on one encoding (``out``: the model's
+        ``JointOutput`` with ``recon``, ``recon_discrete``, ``posterior``):
+        ``continuous_weight * nll(recon) + discrete_weight * nll(recon_discrete) + KL + GAN``. The GAN
+        term (and its adaptive weight, through ``replay``) acts on the discrete reconstruction, the
+        path it is meant to sharpen; the model decodes it last so ``replay`` sees its decoder input.
+        Terms of the discrete path are logged with a ``_discrete`` suffix."""
+        terms: dict[str, Tensor] = {}
+        discrete: dict[str, Tensor] = {}
+        total = self.cfg.continuous_weight * self.nll(x, out.recon, terms)
+        total = total + discrete_weight * self.nll(x, out.recon_discrete, discrete)
+        terms.update({f"{k}_discrete": v for k, v in discrete.items()})
+        terms["discrete_weight"] = torch.tensor(float(discrete_weight))
+        return self._finish(model, x, out.recon_discrete, out.posterior, disc, replay, total, terms)
+
+    def _finish(self, model: nn.Module, x: Tensor, recon: Tensor, posterior, disc: nn.Module | None,
+                replay, total: Tensor, terms: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """Add KL, the adaptive-weighted GAN term on ``recon`` and the model-specific terms."""
+        cfg = self.cfg
         kl = kl_loss(posterior)
         terms["kl"] = kl
-        total = nll + cfg.kl_weight * kl
+        total = total + cfg.kl_weight * kl
         if disc is not None and cfg.disc_weight > 0:
             g = hinge_g_loss(disc(recon))
             if replay is not None:
@@ -128,6 +150,14 @@ class VAELoss(nn.Module):
             total = total + value
         terms["total"] = total
         return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def discrete_weight_at(cfg: LossConfig, step: int) -> float:
+    """The discrete path's weight at optimizer step ``step``: ``discrete_weight``, ramped linearly
+    from 0 over ``discrete_ramp_steps`` (progressive continuous -> discrete training)."""
+    if cfg.discrete_ramp_steps <= 0:
+        return cfg.discrete_weight
+    return cfg.discrete_weight * min(1.0, step / cfg.discrete_ramp_steps)
 
 
 def disc_loss(disc: nn.Module, x: Tensor, recon: Tensor) -> tuple[Tensor, dict[str, float]]:

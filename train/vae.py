@@ -42,11 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from videovae.checkpoint import load_checkpoint, save_checkpoint
+from videovae.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from videovae.fileutil import atomic_path
 from videovae.io import from_model_range, write_png
 from videovae.metrics import psnr, ssim
 from videovae.models import from_preset
+from videovae.quantizers import CodebookUsage
 
 from .config import (
     ConfigError,
@@ -59,7 +60,7 @@ from .config import (
 )
 from .data import ClipDataset, make_loader
 from .discriminator import PatchDiscriminator3D
-from .losses import VAELoss, disc_loss
+from .losses import VAELoss, disc_loss, discrete_weight_at
 
 log = logging.getLogger("videovae.train")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,7 +86,7 @@ def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
 def last_layer_replay(vae: torch.nn.Module):
     """Capture the input of ``decoder.conv_out`` on every forward; the returned ``replay()`` re-runs
     that layer on the detached input -> (output, its weight) for the adaptive GAN weight."""
-    layer = vae.decoder.conv_out
+    layer = vae.output_layer() if callable(getattr(vae, "output_layer", None)) else vae.decoder.conv_out
     captured: dict[str, torch.Tensor] = {}
 
     def hook(module, args):
@@ -372,34 +373,108 @@ def load_training_state(ckpt_dir: Path, tag: str, engines: dict, ema, rank: int,
     return {"step": int(client["step"]), "samples": int(client["samples"])}
 
 
+# --- the model -----------------------------------------------------------------------------------------
+
+
+def build_training_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The model to train: a checkpoint as it is (``init_weights``), or the preset, optionally started
+    from another checkpoint of the same backbone (``init_backbone``)."""
+    if cfg.model.init_weights:
+        return load_checkpoint(cfg.model.init_weights)
+    model = from_preset(cfg.model.preset)
+    if cfg.model.init_backbone:
+        init_backbone(model, cfg.model.init_backbone)
+    return model
+
+
+def init_backbone(model: torch.nn.Module, path: str) -> None:
+    """Load the weights of checkpoint ``path`` into ``model`` where the backbones agree: same family
+    and same config apart from the fields the model's config class lists as ``head_fields`` (the
+    quantiser and its projections, e.g. a continuous OneVAE -> a discrete one). Weights only the
+    model has keep their initialisation; weights only the checkpoint has (another head) are dropped;
+    a weight whose shape differs is an error."""
+    from safetensors import safe_open
+
+    meta = read_metadata(path)
+    if meta["family"] != model.family:
+        raise ConfigError(f"model.init_backbone: {path} holds a {meta['family']} model, the preset is {model.family}")
+    head = set(getattr(type(model.config), "head_fields", ()))
+    mine = model.config.to_dict()
+    theirs = type(model.config).from_dict(meta["config"]).to_dict()
+    differ = sorted(k for k in mine if k not in head and mine[k] != theirs.get(k))
+    if differ:
+        raise ConfigError(f"model.init_backbone: {path} has another backbone than preset {model.family} "
+                          f"(config fields differ: {', '.join(differ)})")
+    own = model.state_dict()
+    with safe_open(path, framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if k in own}
+    bad = sorted(k for k, v in state.items() if v.shape != own[k].shape)
+    if bad:
+        raise ConfigError(f"model.init_backbone: {path}: shapes differ for {', '.join(bad[:8])}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    fresh = sorted(set(own) - set(state))
+    log.info("init_backbone: %d tensors from %s; %d new (%s)", len(state), path, len(fresh),
+             ", ".join(fresh[:6]) + (" ..." if len(fresh) > 6 else ""))
+
+
 # --- validation and logging ------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, clips: list[torch.Tensor], compat=None) -> tuple[dict, torch.Tensor]:
+def validate(model: torch.nn.Module, clips: list[torch.Tensor], compat=None,
+             discrete: bool = False) -> tuple[dict, torch.Tensor]:
     """Posterior-mean reconstructions of the fixed clips -> ({psnr, ssim}, preview image); with a
     :class:`train.compat.CompatibilityLoss`, also ``compat_psnr``: PSNR of the image-VAE-decoded
-    latent frames against the matching video frames."""
+    latent frames against the matching video frames. With ``discrete`` (models with a quantiser),
+    also ``psnr_discrete``, ``ssim_discrete`` and the codebook usage / perplexity of the clips'
+    tokens; the preview then shows the discrete reconstruction."""
     param = next(model.parameters())
     dtype, device = param.dtype, param.device  # the EMA copy stays fp32 under bf16/fp16 training
     was_training = model.training
     model.eval()
-    p, s, c, preview = [], [], [], None
+    scores: dict[str, list[float]] = {}
+    usage = TokenUsage(model) if discrete else None
+    preview = None
     for clip in clips:
         x = clip.unsqueeze(0).to(device)
         if compat is not None:
-            c.append(compat.compatibility_psnr(model, x.to(dtype)))
-        recon, _ = model(x.to(dtype), sample=False)
-        recon = recon.float().clamp(-1, 1)
-        p.append(psnr(x, recon).clamp(max=100).mean().item())
-        s.append(ssim(x, recon).mean().item())
+            scores.setdefault("compat_psnr", []).append(compat.compatibility_psnr(model, x.to(dtype)))
+        if discrete:
+            out = model(x.to(dtype), sample=False, joint=True)
+            usage.update(out.tokens)
+            recons = {"": out.recon, "_discrete": out.recon_discrete}
+        else:
+            recons = {"": model(x.to(dtype), sample=False)[0]}
+        for suffix, recon in recons.items():
+            recon = recon.float().clamp(-1, 1)
+            scores.setdefault(f"psnr{suffix}", []).append(psnr(x, recon).clamp(max=100).mean().item())
+            scores.setdefault(f"ssim{suffix}", []).append(ssim(x, recon).mean().item())
         if preview is None:
             preview = preview_image(x[0], recon[0])
     model.train(was_training)
-    values = {"psnr": float(np.mean(p)), "ssim": float(np.mean(s))}
-    if c:
-        values["compat_psnr"] = float(np.mean(c))
+    values = {k: float(np.mean(v)) for k, v in scores.items()}
+    if usage is not None:
+        values.update(usage.stats())
     return values, preview
+
+
+class TokenUsage:
+    """Codebook usage and perplexity of a model's tokens (``Tokens.rest`` and ``Tokens.first``),
+    counted over many batches; all token groups share one codebook."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.counter = CodebookUsage(model.quantizer.codebook_size)
+
+    def update(self, tokens) -> None:
+        for part in (tokens.rest, tokens.first):
+            if part is not None:
+                self.counter.update(part)
+
+    def stats(self) -> dict[str, float]:
+        return {f"codebook_{k}": float(v) for k, v in self.counter.stats().items()}
+
+    def reset(self) -> None:
+        self.counter.reset()
 
 
 class RunLog:
@@ -463,9 +538,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     # model, discriminator, EMA: identical initialisation on every rank
     seed_everything(cfg.seed)
-    model = load_checkpoint(cfg.model.init_weights) if cfg.model.init_weights else from_preset(cfg.model.preset)
+    model = build_training_model(cfg)
     model.train()
     check_against_model(cfg, model.time_factor, model.space_factor)
+    joint = cfg.loss.discrete_weight > 0
+    if joint and getattr(model, "quantizer", None) is None:
+        raise ConfigError(f"loss.discrete_weight > 0 needs a model with a quantiser (e.g. a OneVAE token preset); "
+                          f"{cfg.model.preset} has none")
     model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
     d = cfg.data
     dataset = ClipDataset(d.paths, num_frames=d.num_frames, size=d.size, max_stride=d.max_stride,
@@ -535,6 +614,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     start_step, t_start, t_first = counters["step"], time.time(), None
     last_terms: dict[str, float] = {}
     last_val: dict[str, float] = {}
+    usage = TokenUsage(vae) if joint else None  # codebook usage over each logging window
     stop = False
     while counters["step"] < cfg.max_steps and not stop:
         step = counters["step"]
@@ -543,9 +623,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         for micro in range(gas):
             x = next(batches).to(device=device, dtype=dtype, non_blocking=True)
             gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, rank, step, micro))
-            recon, posterior = vae_engine(x, sample=cfg.loss.sample_posterior, generator=gen)
             dnet.requires_grad_(False)
-            loss, terms = loss_fn(vae, x, recon, posterior, dnet if disc_on else None, replay)
+            if joint:
+                out = vae_engine(x, sample=cfg.loss.sample_posterior, generator=gen, joint=True)
+                recon = out.recon_discrete
+                loss, terms = loss_fn.joint(vae, x, out, dnet if disc_on else None, replay,
+                                            discrete_weight_at(cfg.loss, step))
+                usage.update(out.tokens)
+            else:
+                recon, posterior = vae_engine(x, sample=cfg.loss.sample_posterior, generator=gen)
+                loss, terms = loss_fn(vae, x, recon, posterior, dnet if disc_on else None, replay)
             dnet.requires_grad_(True)
             vae_engine.backward(loss)
             vae_engine.step()
@@ -572,10 +659,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         stop = stop or (cfg.run_steps > 0 and step - start_step >= cfg.run_steps)
         final = stop or step == cfg.max_steps
         if step % cfg.log_every == 0 or step == 1 or final:
-            runlog.write("train", step, {**sums, "lr": vae_engine.get_lr()[0], "samples_per_s": rate,
+            codes = usage.stats() if joint else {}
+            usage.reset()
+            runlog.write("train", step, {**sums, **codes, "lr": vae_engine.get_lr()[0], "samples_per_s": rate,
                                          "elapsed_s": elapsed})
         if is_main and val_clips and (step % cfg.val_every == 0 or final):
-            last_val, preview = validate(ema if ema is not None else vae, val_clips, loss_fn.compat)
+            last_val, preview = validate(ema if ema is not None else vae, val_clips, loss_fn.compat, joint)
             write_png(run_dir / "previews" / f"step_{step:08d}.png", preview)
             runlog.write("val", step, last_val)
             bar.write(f"step {step}: val PSNR {last_val['psnr']:.2f} dB, SSIM {last_val['ssim']:.4f}")
@@ -587,7 +676,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                              cfg, step)
     bar.close()
     if is_main and val_clips and not last_val:
-        last_val, preview = validate(ema if ema is not None else vae, val_clips, loss_fn.compat)
+        last_val, preview = validate(ema if ema is not None else vae, val_clips, loss_fn.compat, joint)
         write_png(run_dir / "previews" / f"step_{counters['step']:08d}.png", preview)
     done = counters["step"] - start_step
     wall = time.time() - t_start

@@ -8,9 +8,9 @@ uint16, int32 or int64; widen with ``.long()`` before arithmetic, torch has almo
 
 - ``tokens`` ``(1, groups, T', h, w)``: FSQ indices in ``[0, prod(levels))``, one per group and
   latent position; ``T' = 1 + (padded_frames - 1) / time_factor``, ``h = padded_height / space_factor``,
-  ``w = padded_width / space_factor``.
-- ``first_tokens`` ``(1, groups, 1, 2h, 2w)``, only for first-frame-strengthened models
-  (``first_frame`` true): the first frame's tokens at twice the spatial resolution.
+  ``w = padded_width / space_factor``. For first-frame-strengthened models (``first_frame`` true)
+  ``tokens`` holds latents 1.. only, ``(1, groups, T' - 1, h, w)``, and
+- ``first_tokens`` ``(1, groups, 1, 2h, 2w)`` the first frame's tokens at twice the spatial resolution.
 
 Metadata (JSON under the ``videovae`` key): format ``videovae-tokens`` and version, the model family,
 config and weights digest, the FSQ levels, groups and bound, the first-frame flag, the model's time
@@ -137,7 +137,9 @@ def _expected_shapes(meta: TokenMeta, path: str) -> dict[str, tuple[int, ...]]:
             f"not fit time factor {tf} and space factor {sf}"
         )
     h, w = g.padded_height // sf, g.padded_width // sf
-    shapes = {"tokens": (1, meta.groups, 1 + (g.padded_frames - 1) // tf, h, w)}
+    latents = 1 + (g.padded_frames - 1) // tf
+    # first-frame-strengthened models tokenise frame 0 only at 2x resolution (first_tokens)
+    shapes = {"tokens": (1, meta.groups, latents - 1 if meta.first_frame else latents, h, w)}
     if meta.first_frame:
         shapes["first_tokens"] = (1, meta.groups, 1, 2 * h, 2 * w)
     return shapes
