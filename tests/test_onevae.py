@@ -232,7 +232,6 @@ _RESNET = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", 
 
 
 def _to_wan_names(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
-    levels = len(cfg["dim_mult"])
     per_level = cfg["num_res_blocks"] + 1  # decoder residual blocks per level
     out = {}
     for key, value in state.items():
@@ -257,7 +256,6 @@ def _to_wan_names(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.
                                         lambda m: f"{_RESNET[m.group(1)]}.", k[block.end() :])
         assert k not in out, k
         out[k] = value
-    assert levels == 4
     return out
 
 
@@ -353,3 +351,185 @@ def test_convert_onevae_official_continuous(reference, ours, tmp_path):
     averaged = convert_official(tmp_path / "step=1-model.ckpt")
     for k, v in averaged.state_dict().items():
         assert torch.equal(v, ours.state_dict()[k] + 1.0), k
+
+
+
+# --- discrete path (FSQ tokens) and first-frame boost -------------------------------------------------
+
+
+def _token_config(first_frame_boost: bool) -> OneVAEConfig:
+    return OneVAEConfig(
+        base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=8,
+        fsq_levels=(5, 5, 5), fsq_groups=2, first_frame_boost=first_frame_boost,
+    )
+
+
+@pytest.fixture(scope="module")
+def token_models() -> dict[bool, OneVAE]:
+    """Tiny token models without and with first-frame boost, same encoder weights, random init."""
+    models = {}
+    for ffb in (False, True):
+        torch.manual_seed(5)
+        model = OneVAE(_token_config(ffb)).eval()
+        _randomise(model, seed=7)
+        models[ffb] = model
+    missing, unexpected = models[True].load_state_dict(models[False].state_dict(), strict=False)
+    assert not unexpected and all("highres" in k for k in missing)
+    for k, v in models[False].state_dict().items():
+        assert torch.equal(v, models[True].state_dict()[k]), k  # ffb only adds modules
+    return models
+
+
+@pytest.mark.parametrize("ffb", [False, True])
+def test_token_shapes_and_first_frame_boost(token_models, clip, ffb):
+    model = token_models[ffb]
+    with torch.no_grad():
+        tokens = model.tokenize(clip)
+        video = model.detokenize(tokens)
+    assert tokens.rest.dtype == torch.int64 and video.shape == clip.shape
+    assert int(tokens.rest.min()) >= 0 and int(tokens.rest.max()) < 125
+    if ffb:
+        assert tokens.rest.shape == (1, 2, 2, 4, 7)  # latents 1.. only
+        assert tokens.first.shape == (1, 2, 1, 8, 14) and tokens.first.dtype == torch.int64
+    else:
+        assert tokens.rest.shape == (1, 2, 3, 4, 7) and tokens.first is None
+    assert tokens.latent_frames == 3
+
+
+@pytest.mark.parametrize("ffb", [False, True])
+def test_tokens_stream_exactly(token_models, clip, ffb):
+    model = token_models[ffb]
+    with torch.no_grad():
+        tokens = model.tokenize(clip)
+        video = model.detokenize(tokens)
+        for chunk in (4, 8):
+            result = model.tokenize_video(clip, chunk_frames=chunk)
+            assert torch.equal(result.tokens.rest, tokens.rest), chunk
+            assert (result.tokens.first is None) == (not ffb)
+            if ffb:
+                assert torch.equal(result.tokens.first, tokens.first)
+            out = model.detokenize_video(result.tokens, result.geometry, chunk_frames=chunk)
+            assert _max_diff(out, video) < EXACT, chunk
+
+
+def test_tokens_tiled_without_boost_and_refused_with_it(token_models, clip):
+    with torch.no_grad():
+        whole = token_models[False].tokenize(clip)
+        tiled = token_models[False].tokenize_video(clip, chunk_frames=4, tile=24)
+        assert torch.equal(tiled.tokens.rest, whole.rest)
+        video = token_models[False].detokenize(whole)
+        assert _max_diff(token_models[False].detokenize_video(whole, chunk_frames=4, tile=24), video) < EXACT
+        with pytest.raises(ValueError, match="first_frame_boost models tokenise untiled"):
+            token_models[True].tokenize_video(clip, tile=24)
+
+
+def test_continuous_path_unaffected_by_boost(token_models, clip):
+    with torch.no_grad():
+        a, b = token_models[False].encode(clip), token_models[True].encode(clip)
+        assert torch.equal(a.mean, b.mean)
+        assert torch.equal(token_models[False].decode(a.mean), token_models[True].decode(a.mean))
+
+
+@pytest.mark.parametrize("ffb", [False, True])
+def test_forward_discrete_and_joint(token_models, clip, ffb):
+    model = token_models[ffb]
+    x = clip[:, :, :5, :, :32]
+    with torch.no_grad():
+        expected = model.detokenize(model.tokenize(x))
+        recon, posterior = model(x, discrete=True)
+        assert _max_diff(recon, expected) < EXACT
+        continuous, _ = model(x, sample=False)
+    calls = []
+    handle = model.encoder.register_forward_pre_hook(lambda *a: calls.append(1))
+    body = model.encoder.body
+    model.encoder.body = lambda *a, **k: (calls.append(1), body(*a, **k))[1]
+    try:
+        out = model.joint(x, sample=False)
+    finally:
+        del model.encoder.body
+        handle.remove()
+    assert len(calls) == 1  # the encoder ran once for both paths
+    assert _max_diff(out.recon, continuous) < EXACT and _max_diff(out.recon_discrete, expected) < EXACT
+    assert torch.equal(out.tokens.rest, model.tokenize(x).rest)
+    loss = out.recon.square().mean() + out.recon_discrete.square().mean()
+    loss.backward()
+    assert model.quant_conv.weight.grad is not None and model.quant_conv.weight.grad.abs().sum() > 0
+    assert model.encoder.conv_in.conv.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_discrete_errors(token_models, ours, clip):
+    with pytest.raises(ValueError, match="no discrete head"):
+        ours.tokenize(clip)
+    tokens = token_models[True].tokenize(clip[:, :, :5])
+    with pytest.raises(ValueError, match="tokens.first must be given"):
+        token_models[False].detokenize(tokens)
+    with pytest.raises(ValueError, match="expected tokens.rest"):
+        token_models[False].detokenize(type(tokens)(tokens.rest[:, :1]))
+
+
+def test_token_presets():
+    for name in ("onevae-488", "onevae-888", "onevae-41616", "onevae-81616"):
+        cfg = PRESETS[name][1]
+        assert cfg.fsq_levels == (8, 8, 8, 5, 5, 5) and cfg.fsq_groups == 2 and cfg.latent_channels == 256
+        assert cfg.first_frame_boost == name.endswith("1616")
+    with torch.device("meta"):
+        model = from_preset("onevae-81616")
+    assert model.quantizer.codebook_size == 64000 and model.quantizer.dim == 12
+    params = model.num_parameters()
+    assert params["encoder"] + params["decoder"] == params["total"] == sum(p.numel() for p in model.parameters())
+    assert params["total"] == 176_579_055
+
+
+def test_convert_onevae_official_with_quantizer_and_boost(tmp_path):
+    """A fake official 81616-style checkpoint (5 levels, F T T T, first-frame boost, FSQ head):
+    VAE keys written in the official names, quantizer projections, EMA, discriminator."""
+    diffusers = pytest.importorskip("diffusers")
+    cfg = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 2, 2, 2, 2], "num_res_blocks": 1,
+           "temperal_downsample": [False, True, True, True]}
+    ref = diffusers.AutoencoderKLWan(**cfg)
+    _randomise(ref, seed=11)
+    raw = _to_wan_names(ref.state_dict(), cfg)
+    g = torch.Generator().manual_seed(3)
+    extra = {
+        "decoder.downsample_highres_first.resample.1.weight": torch.randn(4, 4, 3, 3, generator=g),
+        "decoder.downsample_highres_first.resample.1.bias": torch.randn(4, generator=g),
+        "decoder.upsample_highres.resample.weight": torch.randn(8, 16, 1, 1, generator=g),
+        "decoder.upsample_highres.resample.bias": torch.randn(8, generator=g),
+        "quant_conv.weight": torch.randn(12, 4, generator=g),
+        "quant_conv.bias": torch.randn(12, generator=g),
+        "post_quant_conv.weight": torch.randn(4, 12, generator=g),
+        "post_quant_conv.bias": torch.randn(4, generator=g),
+    }
+    ckpt = _lightning_checkpoint({**raw, **extra}, ema=None)
+    torch.save(ckpt, tmp_path / "step=5000-model.ckpt")
+    out = tmp_path / "onevae.safetensors"
+    main(["convert", str(tmp_path / "step=5000-model.ckpt"), "--from", "onevae-official", "-o", str(out)])
+    model = load_checkpoint(out)
+    c = model.config
+    assert (c.channel_mult, c.temporal_down, c.latent_channels) == ((1, 2, 2, 2, 2), (False, True, True, True), 4)
+    assert c.fsq_levels == (8, 8, 8, 5, 5, 5) and c.fsq_groups == 2 and c.first_frame_boost
+    assert (c.time_factor, c.space_factor) == (8, 16)
+    sd = model.state_dict()
+    first = extra["decoder.downsample_highres_first.resample.1.weight"]
+    assert torch.equal(sd["decoder.downsample_highres_first.conv.weight"], first)
+    assert torch.equal(sd["decoder.upsample_highres.weight"], extra["decoder.upsample_highres.resample.weight"])
+    assert torch.equal(sd["quant_conv.weight"], extra["quant_conv.weight"])
+    assert torch.equal(sd["post_quant_conv.bias"], extra["post_quant_conv.bias"])
+    wan = _wan_from_state(ref.state_dict(), cfg, tmp_path)
+    for k, v in wan.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    bad = dict(ckpt["state_dict"], **{"quantize.project_in.weight": torch.zeros(12, 12)})
+    torch.save({"state_dict": bad}, tmp_path / "bad.ckpt")
+    from videovae.models.onevae import convert_official
+
+    with pytest.raises(CheckpointError, match="quantize.project_in.weight"):
+        convert_official(tmp_path / "bad.ckpt")
+
+
+def _wan_from_state(state: dict[str, torch.Tensor], cfg: dict, tmp_path: Path) -> OneVAE:
+    folder = tmp_path / "diffusers"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    return convert_wan(folder)

@@ -465,6 +465,41 @@ class Decoder(nn.Module):
         return self.conv_out.conv.weight
 
 
+# --- tokens ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tokens:
+    """FSQ token indices of a clip, int64 in [0, codebook_size).
+
+    ``rest``: (N, groups, T', h, w), one index per group and latent position; with first-frame
+    boost it covers latents 1.. only (T' = latent frames - 1). ``first``: (N, groups, 1, 2h, 2w),
+    frame 0's tokens at twice the latent resolution (first-frame boost), else None.
+    """
+
+    rest: Tensor
+    first: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Tokens:
+        return Tokens(self.rest.to(device), None if self.first is None else self.first.to(device))
+
+    @property
+    def latent_frames(self) -> int:
+        """Latent frames these tokens decode from (frame 0's slot included)."""
+        return self.rest.shape[2] + (0 if self.first is None else 1)
+
+
+@dataclass
+class JointOutput:
+    """One encoder pass decoded both ways (:meth:`OneVAE.joint`): ``recon`` from the (sampled)
+    continuous latent, ``recon_discrete`` through the FSQ (straight-through gradients), NCTHW."""
+
+    recon: Tensor
+    recon_discrete: Tensor
+    posterior: DiagonalGaussian
+    tokens: Tokens
+
+
 # --- model ----------------------------------------------------------------------------------------
 
 
@@ -487,11 +522,14 @@ class OneVAE(nn.Module):
         self.conv2 = _conv1(z, z)
         self.decoder = Decoder(config)
         if config.discrete:
+            from videovae.quantizers import FSQ
+
             width = config.fsq_groups * len(config.fsq_levels)
             self.quant_conv = nn.Linear(z, width)
+            self.quantizer = FSQ(config.fsq_levels, groups=config.fsq_groups, bound=config.fsq_bound)
             self.post_quant_conv = nn.Linear(width, z)
         else:
-            self.quant_conv = self.post_quant_conv = None
+            self.quant_conv = self.quantizer = self.post_quant_conv = None
         assign_cache_keys(self)
 
     # --- geometry ------------------------------------------------------------------------------
@@ -537,11 +575,158 @@ class OneVAE(nn.Module):
         self._check_latents(z)
         return self.decode_chunk(z, None)[0]
 
-    def forward(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None):
-        """Training pass: returns (reconstruction, posterior)."""
-        posterior = self.encode(x)
+    def forward(
+        self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None, discrete: bool = False
+    ) -> tuple[Tensor, DiagonalGaussian]:
+        """Training pass: returns (reconstruction, posterior). ``discrete``: decode through the FSQ
+        (the posterior mean is quantised; ``sample`` does not apply) instead of the continuous latent."""
+        if not discrete:
+            posterior = self.encode(x)
+            z = posterior.sample(generator) if sample else posterior.mode()
+            return self.decode(z), posterior
+        posterior, mean_first = self._encode_parts(x)
+        values, first_values, _ = self._quantise_parts(posterior.mean, mean_first)
+        return self._decode_values(values, first_values), posterior
+
+    def joint(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> JointOutput:
+        """Run the encoder once and decode both paths (OneVAE's joint objective): the continuous
+        reconstruction of a posterior sample (or the mean) and the discrete one of the quantised mean."""
+        posterior, mean_first = self._encode_parts(x)
         z = posterior.sample(generator) if sample else posterior.mode()
-        return self.decode(z), posterior
+        values, first_values, tokens = self._quantise_parts(posterior.mean, mean_first)
+        return JointOutput(self.decode(z), self._decode_values(values, first_values), posterior, tokens)
+
+    # --- discrete path ----------------------------------------------------------------------------
+    def _require_discrete(self) -> None:
+        if self.quantizer is None:
+            raise ValueError("this OneVAE has no discrete head (config.fsq_levels is empty)")
+
+    def _encode_parts(self, x: Tensor) -> tuple[DiagonalGaussian, Tensor | None]:
+        """Whole clip -> (posterior, frame 0's hi-res latent mean (N, z, 1, 2h, 2w) or None)."""
+        self._require_discrete()
+        self.check_input(x)
+        moments, first, _ = self.encode_chunk_parts(x, None)
+        return self.posterior(moments), first
+
+    def encode_chunk_parts(
+        self, x: Tensor, cache: CausalCache | None
+    ) -> tuple[Tensor, Tensor | None, CausalCache | None]:
+        """Like :meth:`encode_chunk`, plus, with first-frame boost and a chunk that starts the clip,
+        frame 0's hi-res latent mean: frame 0's features before the encoder's last downsampler run
+        the remaining layers cache-free (frame 0 sees only zero padding in time anyway)."""
+        h, cache, first = self.encoder.body(x, cache, keep_first=self.config.first_frame_boost)
+        moments, cache = self.encode_head(h, cache)
+        if first is not None:
+            first_moments, _ = self.encode_head(self.encoder.first_frame_tail(first), None)
+            first = first_moments[:, : self.latent_channels]
+        return moments, first, cache
+
+    def quantise(self, mean: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw latent means (N, z, T, h, w) -> (FSQ values (N, groups * len(levels), T, h, w) with
+        straight-through gradients, token indices int64 (N, groups, T, h, w))."""
+        self._require_discrete()
+        h = self.quant_conv(mean.movedim(1, -1)).movedim(-1, 1)
+        out = self.quantizer(h)
+        return out.values, out.indices
+
+    def _quantise_parts(self, mean: Tensor, mean_first: Tensor | None) -> tuple[Tensor, Tensor | None, Tokens]:
+        if self.config.first_frame_boost:
+            # frame 0's regular latent is not tokenised: its hi-res latent stands in for it
+            mean = mean[:, :, 1:]
+        values, indices = self.quantise(mean)
+        first_values = first_indices = None
+        if mean_first is not None:
+            first_values, first_indices = self.quantise(mean_first)
+        return values, first_values, Tokens(indices, first_indices)
+
+    def dequantise(self, values: Tensor) -> Tensor:
+        """FSQ values (N, groups * len(levels), ...) -> latents (N, z, ...) (``post_quant_conv``)."""
+        self._require_discrete()
+        return self.post_quant_conv(values.movedim(1, -1)).movedim(-1, 1)
+
+    def tokens_to_latents(self, tokens: Tokens) -> tuple[Tensor, Tensor | None]:
+        """Token indices -> (latents of ``rest``, frame 0's hi-res latent or None), both after
+        ``post_quant_conv`` (what the decoder's stream and hi-res branch take)."""
+        self._require_discrete()
+        if tokens.rest.ndim != 5 or tokens.rest.shape[1] != self.config.fsq_groups:
+            raise ValueError(
+                f"expected tokens.rest (N, {self.config.fsq_groups}, T, h, w), got {tuple(tokens.rest.shape)}"
+            )
+        if (tokens.first is not None) != self.config.first_frame_boost:
+            raise ValueError("tokens.first must be given exactly when the model has first_frame_boost")
+        z = self.dequantise(self.quantizer.indices_to_codes(tokens.rest).to(self.post_quant_conv.weight.dtype))
+        first = None
+        if tokens.first is not None:
+            n, g, _, h, w = tokens.rest.shape
+            if tokens.first.shape != (n, g, 1, 2 * h, 2 * w) and tokens.rest.shape[2] > 0:
+                raise ValueError(
+                    f"tokens.first {tuple(tokens.first.shape)} does not match rest {tuple(tokens.rest.shape)}"
+                )
+            codes = self.quantizer.indices_to_codes(tokens.first).to(self.post_quant_conv.weight.dtype)
+            first = self.dequantise(codes)
+        return z, first
+
+    def decode_parts_chunk(
+        self, z: Tensor, cache: CausalCache | None, z_first: Tensor | None = None
+    ) -> tuple[Tensor, CausalCache | None]:
+        """Decode one chunk of dequantised latents (after ``post_quant_conv``). ``z_first``: frame 0's
+        hi-res latent (first-frame boost, chunk that starts the clip only).
+
+        Frame 0's slot in the latent stream is ``decoder.downsample_highres_first(z_first)`` (not
+        through ``conv2``, as in the official code) and latents 1.. follow it; the hi-res branch's own
+        features replace frame 0 after the first up level. (The official ``VAE_.decode`` builds the
+        stream as [rest[0], rest[0], rest[1], ...] and overwrites index 0 in place; we build
+        [slot, rest...] directly and never write into the caller's tensors.)"""
+        h, cache = self.decode_parts_stem(z, cache, z_first)
+        first = None if z_first is None else self.decoder.first_frame_features(z_first)
+        return self.decoder.body(h, cache, first)
+
+    def decode_parts_stem(
+        self, z: Tensor, cache: CausalCache | None, z_first: Tensor | None = None
+    ) -> tuple[Tensor, CausalCache | None]:
+        """conv2 (for ``z``), frame 0's slot (for ``z_first``), conv_in and mid block."""
+        parts = []
+        if z_first is not None:
+            parts.append(self.decoder.downsample_highres_first(z_first)[0])
+        if z.shape[2]:
+            h, cache = self.conv2(z, cache)
+            parts.append(h)
+        if not parts:
+            raise ValueError("nothing to decode: no latent frames")
+        return self.decoder.stem(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0], cache)
+
+    def _decode_values(self, values: Tensor, first_values: Tensor | None) -> Tensor:
+        z_first = None if first_values is None else self.dequantise(first_values)
+        return self.decode_parts_chunk(self.dequantise(values), None, z_first)[0]
+
+    def make_tokens(self, rest: Tensor, first: Tensor | None) -> Tokens:
+        """Wrap index tensors as :class:`Tokens` (lets the engine stay model-agnostic)."""
+        return Tokens(rest, first)
+
+    def tokenize(self, x: Tensor) -> Tokens:
+        """Whole clip NCTHW in [-1, 1] -> :class:`Tokens` of the quantised posterior mean."""
+        posterior, mean_first = self._encode_parts(x)
+        return self._quantise_parts(posterior.mean, mean_first)[2]
+
+    def detokenize(self, tokens: Tokens) -> Tensor:
+        """:class:`Tokens` -> video NCTHW, nominally in [-1, 1] (not clamped)."""
+        z, z_first = self.tokens_to_latents(tokens)
+        return self.decode_parts_chunk(z, None, z_first)[0]
+
+    def tokenize_video(self, video: Tensor, **engine_options):
+        """Chunked (and, without first-frame boost, tiled) tokenisation of a (1, 3, T, H, W) clip in
+        [-1, 1] of any size through :mod:`videovae.engine`; returns
+        :class:`videovae.engine.TokenizeResult` (``.tokens``, ``.geometry``)."""
+        from videovae.engine import tokenize_tensor
+
+        return tokenize_tensor(self, video, **engine_options)
+
+    def detokenize_video(self, tokens: Tokens, geometry=None, **engine_options) -> Tensor:
+        """Chunked decode of :class:`Tokens` to (1, 3, T, H, W) float32 in [-1, 1] (not clamped),
+        cropped to ``geometry`` when given."""
+        from videovae.engine import detokenize_tensor
+
+        return detokenize_tensor(self, tokens, geometry, **engine_options)
 
     def posterior(self, moments: Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(moments, self.config.logvar_min, self.config.logvar_max)
