@@ -284,6 +284,15 @@ def test_convert_fp16_folder_and_cli(reference, ours, tmp_path):
     assert model.family == "onevae" and model.config == ours.config
     for k, v in model.state_dict().items():
         assert torch.equal(v, ours.state_dict()[k].half().float()), k
+    # the CLI's encode / decode take the converted checkpoint unchanged
+    from videovae.synthetic import write_synthetic_video
+
+    write_synthetic_video(tmp_path / "clip.mp4", 6, 24, 40, seed=1, fps=25)
+    main(["encode", str(tmp_path / "clip.mp4"), "-o", str(tmp_path / "lat.safetensors"), "--weights", str(out),
+          "--chunk-frames", "4", "--quiet"])
+    main(["decode", str(tmp_path / "lat.safetensors"), "-o", str(tmp_path / "back.mp4"), "--weights", str(out),
+          "--quiet"])
+    assert (tmp_path / "back.mp4").stat().st_size > 0
 
 
 def test_convert_errors_name_the_keys(reference, tmp_path):

@@ -138,6 +138,17 @@ class OneVAEConfig:
     def space_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
 
+    # Latent files record a scalar (scale, shift) pair for diffusion users; OneVAE normalises per
+    # channel instead (latents_mean / latents_std, stored with the config in every latent file and
+    # applied by OneVAE.scale_latents), so the scalar pair is the identity.
+    @property
+    def scaling_factor(self) -> float:
+        return 1.0
+
+    @property
+    def shift_factor(self) -> float:
+        return 0.0
+
     @property
     def discrete(self) -> bool:
         return bool(self.fsq_levels)
@@ -658,7 +669,7 @@ class OneVAE(nn.Module):
         first = None
         if tokens.first is not None:
             n, g, _, h, w = tokens.rest.shape
-            if tokens.first.shape != (n, g, 1, 2 * h, 2 * w) and tokens.rest.shape[2] > 0:
+            if tokens.first.shape != (n, g, 1, 2 * h, 2 * w):
                 raise ValueError(
                     f"tokens.first {tuple(tokens.first.shape)} does not match rest {tuple(tokens.rest.shape)}"
                 )
@@ -674,9 +685,11 @@ class OneVAE(nn.Module):
 
         Frame 0's slot in the latent stream is ``decoder.downsample_highres_first(z_first)`` (not
         through ``conv2``, as in the official code) and latents 1.. follow it; the hi-res branch's own
-        features replace frame 0 after the first up level. (The official ``VAE_.decode`` builds the
-        stream as [rest[0], rest[0], rest[1], ...] and overwrites index 0 in place; we build
-        [slot, rest...] directly and never write into the caller's tensors.)"""
+        features replace frame 0 after the first up level. The official ``VAE_.decode`` (vae81616_hybrid)
+        instead builds ``conv2(z)`` with its first latent duplicated in front, runs 1 + T' steps and
+        overwrites the duplicate (and later frame 0's features) in place: given exactly ``z`` =
+        latents 1.. it decodes what we do, but handed all latents (frame 0's included) it silently
+        decodes one latent too many. We build [slot, latents 1..] and write into no tensor."""
         h, cache = self.decode_parts_stem(z, cache, z_first)
         first = None if z_first is None else self.decoder.first_frame_features(z_first)
         return self.decoder.body(h, cache, first)
