@@ -57,6 +57,7 @@ from videovae.layers import (
     single_head_attention,
 )
 from videovae.models.causal_vae import DiagonalGaussian
+from videovae.quantizers import FSQ
 from videovae.statedict import (
     CheckpointError,
     find_weights,
@@ -533,8 +534,6 @@ class OneVAE(nn.Module):
         self.conv2 = _conv1(z, z)
         self.decoder = Decoder(config)
         if config.discrete:
-            from videovae.quantizers import FSQ
-
             width = config.fsq_groups * len(config.fsq_levels)
             self.quant_conv = nn.Linear(z, width)
             self.quantizer = FSQ(config.fsq_levels, groups=config.fsq_groups, bound=config.fsq_bound)
