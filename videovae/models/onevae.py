@@ -57,7 +57,7 @@ from videovae.layers import (
     single_head_attention,
 )
 from videovae.models.causal_vae import DiagonalGaussian
-from videovae.quantizers import FSQ
+from videovae.quantizers import BOUNDS, FSQ
 from videovae.statedict import (
     CheckpointError,
     find_weights,
@@ -67,7 +67,7 @@ from videovae.statedict import (
     unwrap_training_state,
 )
 
-FSQ_BOUNDS = ("tanh", "isigmoid")
+FSQ_BOUNDS = BOUNDS
 
 
 @dataclass(frozen=True)
