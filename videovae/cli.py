@@ -234,9 +234,10 @@ def cmd_init(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from videovae.models import cvvae, odvae
+    from videovae.models import cvvae, odvae, onevae
 
-    converters = {"od-vae-official": odvae.convert_official, "cv-vae-official": cvvae.convert_official}
+    converters = {"od-vae-official": odvae.convert_official, "cv-vae-official": cvvae.convert_official,
+                  "wan2.1": onevae.convert_wan, "onevae-official": onevae.convert_official}
     _check_output_parent(args.output)
     model = converters[args.from_format](args.src, prefer_ema=not args.no_ema)
     extra = {"converted_from": args.from_format, "source": os.path.basename(args.src.rstrip("/"))}
@@ -440,8 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="official weights -> videovae checkpoint")
     p.add_argument("src", help="official folder (config.json + weights) or weights file (.safetensors/.bin/.pt/.ckpt)")
-    p.add_argument("--from", dest="from_format", required=True, choices=("od-vae-official", "cv-vae-official"),
-                   help="source format")
+    p.add_argument("--from", dest="from_format", required=True,
+                   choices=("od-vae-official", "cv-vae-official", "wan2.1", "onevae-official"),
+                   help="source format (wan2.1: Wan2.1_VAE.pth or a diffusers AutoencoderKLWan folder; "
+                        "onevae-official: an official OneVAE Lightning checkpoint)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--no-ema", action="store_true", help="training checkpoints: use state_dict, not ema_state_dict")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="store weights in this dtype")

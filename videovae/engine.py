@@ -486,6 +486,89 @@ def decode_frames(model, z: Tensor, geometry: VideoGeometry, opts: EngineOptions
         yield frames.cpu()
 
 
+# --- tokens (models with a discrete head, e.g. OneVAE) ------------------------------------------------
+
+
+@dataclass
+class TokenizeResult:
+    """Token indices of a clip (the model's ``Tokens``) and its geometry."""
+
+    tokens: object
+    geometry: VideoGeometry
+
+
+def _check_token_options(model, opts: EngineOptions) -> None:
+    check_options(model, opts)
+    if opts.tiling != "halo":
+        raise ValueError("tokens support tiling='halo' only")
+    if opts.tile and model.config.first_frame_boost:
+        raise ValueError("first_frame_boost models tokenise untiled (tile=0): frame 0's hi-res branch "
+                         "runs on the whole frame")
+
+
+@torch.no_grad()
+def tokenize_chunks(model, chunks: Iterable[Tensor], opts: EngineOptions | None = None) -> TokenizeResult:
+    """Tokenise a stream of float (1, 3, t, H, W) chunks in [-1, 1] of one clip (padded as for
+    :func:`encode_chunks`). The quantiser is pointwise, so without first-frame boost this is
+    :func:`encode_chunks` (chunked and tiled) followed by quantising the mean; with it, the chunks
+    run untiled and the first chunk also yields frame 0's hi-res latent."""
+    opts = opts or EngineOptions()
+    _check_token_options(model, opts)
+    if not model.config.first_frame_boost:
+        result = encode_chunks(model, chunks, opts)
+        _, indices = model.quantise(result.mean.to(opts.device, opts.dtype))
+        return TokenizeResult(model.make_tokens(indices.cpu(), None), result.geometry)
+    source = _ChunkSource(chunks, opts.chunk_frames, model.time_factor, model.space_factor)
+    cache = CausalCache() if opts.chunk_frames else None
+    means, first = [], None
+    for x in source:
+        moments, chunk_first, cache = model.encode_chunk_parts(x.to(opts.device, opts.dtype), cache)
+        means.append(moments[:, : model.latent_channels])
+        if chunk_first is not None:
+            first = chunk_first
+    mean = torch.cat(means, dim=2)[:, :, 1:]  # frame 0 is tokenised at high resolution only
+    _, indices = model.quantise(mean)
+    _, first_indices = model.quantise(first)
+    return TokenizeResult(model.make_tokens(indices.cpu(), first_indices.cpu()), source.geometry)
+
+
+def tokenize_tensor(model, video: Tensor, **options) -> TokenizeResult:
+    """Tokenise a (1, 3, T, H, W) clip in [-1, 1] (any T, H, W) through the engine."""
+    return tokenize_chunks(model, [video], EngineOptions(**options))
+
+
+@torch.no_grad()
+def detokenize_chunks(model, tokens, opts: EngineOptions | None = None) -> Iterator[Tensor]:
+    """Decode tokens chunk by chunk; yields float32 NCTHW chunks in [-1, 1] (not clamped) of the
+    padded clip, in order. Without first-frame boost the dequantised latents go through
+    :func:`decode_chunks` (chunked and tiled); with it, chunks run untiled and the first one
+    carries frame 0's hi-res latent."""
+    opts = opts or EngineOptions()
+    _check_token_options(model, opts)
+    z, z_first = model.tokens_to_latents(tokens.to(opts.device))
+    if z_first is None:
+        yield from decode_chunks(model, z.float().cpu(), opts)
+        return
+    cache = CausalCache() if opts.chunk_frames else None
+    step = latent_chunk_frames(model, opts)
+    # chunk bounds over the latent stream [slot, rest...]: the slot is latent 0
+    for a, b in _chunk_bounds(1 + z.shape[2], step):
+        first = z_first.to(opts.dtype) if a == 0 else None
+        rest = z[:, :, max(a - 1, 0) : b - 1].to(opts.dtype)
+        y, cache = model.decode_parts_chunk(rest, cache, first)
+        yield y.float()
+
+
+def detokenize_tensor(model, tokens, geometry: VideoGeometry | None = None, **options) -> Tensor:
+    """Decode tokens through the engine to one float32 NCTHW clip in [-1, 1] (not clamped), cropped
+    to ``geometry`` when given."""
+    opts = EngineOptions(**options)
+    out = torch.cat([c.cpu() for c in detokenize_chunks(model, tokens, opts)], dim=2)
+    if geometry is not None:
+        out = out[:, :, : geometry.frames, : geometry.height, : geometry.width]
+    return out
+
+
 # --- memory budget -----------------------------------------------------------------------------------
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}

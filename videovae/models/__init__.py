@@ -18,6 +18,8 @@ from videovae.models.cvvae import CVVAE, CVVAEConfig
 from videovae.models.cvvae import PRESETS as CVVAE_PRESETS
 from videovae.models.odvae import ODVAE, ODVAEConfig
 from videovae.models.odvae import PRESETS as ODVAE_PRESETS
+from videovae.models.onevae import PRESETS as ONEVAE_PRESETS
+from videovae.models.onevae import OneVAE, OneVAEConfig
 
 
 @dataclass(frozen=True)
@@ -31,12 +33,14 @@ FAMILIES: dict[str, Family] = {
     "causal-vae": Family("causal-vae", CausalVAEConfig, CausalVAE),
     "od-vae": Family("od-vae", ODVAEConfig, ODVAE),
     "cv-vae": Family("cv-vae", CVVAEConfig, CVVAE),
+    "onevae": Family("onevae", OneVAEConfig, OneVAE),
 }
 
 # preset name -> (family name, config)
 PRESETS: dict[str, tuple[str, Any]] = {name: ("causal-vae", cfg) for name, cfg in CAUSAL_VAE_PRESETS.items()}
 PRESETS.update({name: ("od-vae", cfg) for name, cfg in ODVAE_PRESETS.items()})
 PRESETS.update({name: ("cv-vae", cfg) for name, cfg in CVVAE_PRESETS.items()})
+PRESETS.update({name: ("onevae", cfg) for name, cfg in ONEVAE_PRESETS.items()})
 
 
 def family_of(name: str) -> Family:
@@ -67,6 +71,8 @@ __all__ = [
     "FAMILIES",
     "ODVAE",
     "ODVAEConfig",
+    "OneVAE",
+    "OneVAEConfig",
     "PRESETS",
     "CVVAEConfig",
     "CausalVAE",
