@@ -265,3 +265,66 @@ def test_validation_on_held_out_media(clip, tmp_path):
         expected = psnr(x, model(x, sample=False)[0].clamp(-1, 1)).clamp(max=100).mean().item()
     val = [r for r in _train_log(run_dir) if r["kind"] == "val"]
     assert val and val[-1]["psnr"] == pytest.approx(expected, abs=1e-3)
+
+
+# --- joint continuous/discrete training (OneVAE) --------------------------------------------------------
+
+
+def test_joint_training_logs_both_paths_and_codebook_usage(clip, tmp_path):
+    """The joint objective trains both paths of a OneVAE (GAN on the discrete one), logs the discrete
+    terms and the codebook usage, validates both paths, and lowers both reconstruction losses."""
+    run_dir = tmp_path / "joint"
+    summary = train(load_config(CONFIG, _overrides(
+        clip, run_dir, "model.preset=onevae-tiny", "max_steps=8", "engine=torch", "loss.discrete_weight=1.0",
+        "loss.disc_start=6", "loss.disc_weight=0.1", "save_every=100", "val_every=4")))
+    records = [r for r in _train_log(run_dir) if r["kind"] == "train"]
+    first, last = records[0], records[-1]
+    assert {"recon", "recon_discrete", "kl", "discrete_weight", "codebook_usage", "codebook_perplexity"} <= set(first)
+    assert "gan" in last and "d_loss" in last
+    assert 0 < first["codebook_usage"] <= 1 and first["codebook_perplexity"] >= 1
+    assert last["recon"] < first["recon"] and last["recon_discrete"] < first["recon_discrete"]
+    val = [r for r in _train_log(run_dir) if r["kind"] == "val"]
+    assert {"psnr", "psnr_discrete", "ssim_discrete", "codebook_usage"} <= set(val[-1])
+    assert summary["val"]["psnr_discrete"] == val[-1]["psnr_discrete"]
+    model = load_checkpoint(run_dir / "vae.safetensors")
+    assert model.family == "onevae" and model.config.discrete
+
+
+def test_discrete_ramp_and_joint_needs_a_quantiser(clip, tmp_path):
+    from videovae.train.config import LossConfig
+    from videovae.train.losses import discrete_weight_at
+
+    ramp = LossConfig(discrete_weight=2.0, discrete_ramp_steps=10)
+    assert [discrete_weight_at(ramp, s) for s in (0, 5, 10, 50)] == [0.0, 1.0, 2.0, 2.0]
+    with pytest.raises(ConfigError, match="quantiser"):
+        train(load_config(CONFIG, _overrides(clip, tmp_path / "r", "loss.discrete_weight=1", "engine=torch")))
+    with pytest.raises(ConfigError, match="cannot both be 0"):
+        load_config(CONFIG, _overrides(clip, tmp_path / "r", "loss.discrete_weight=0", "loss.continuous_weight=0"))
+
+
+def test_init_backbone_from_a_continuous_checkpoint(tmp_path):
+    """A discrete model starts from a continuous checkpoint of the same backbone: every backbone weight
+    is copied, the new head keeps its initialisation; another backbone is refused."""
+    from dataclasses import replace
+
+    from videovae.checkpoint import save_checkpoint
+    from videovae.models import PRESETS, build_model, from_preset
+    from videovae.train.vae import init_backbone
+
+    torch.manual_seed(0)
+    _, tiny = PRESETS["onevae-tiny"]
+    continuous = build_model("onevae", replace(tiny, fsq_levels=(), fsq_groups=1))
+    save_checkpoint(tmp_path / "cont.safetensors", continuous)
+    model = build_model("onevae", replace(tiny, first_frame_boost=True))
+    head_before = {k: v.clone() for k, v in model.state_dict().items() if k not in continuous.state_dict()}
+    assert head_before  # quant_conv / post_quant_conv / first-frame branch
+    init_backbone(model, str(tmp_path / "cont.safetensors"))
+    state = model.state_dict()
+    for k, v in continuous.state_dict().items():
+        assert torch.equal(state[k], v), k
+    for k, v in head_before.items():
+        assert torch.equal(state[k], v), k
+    with pytest.raises(ConfigError, match="base_channels"):
+        init_backbone(from_preset("onevae-small"), str(tmp_path / "cont.safetensors"))
+    with pytest.raises(ConfigError, match="onevae"):
+        init_backbone(from_preset("tiny"), str(tmp_path / "cont.safetensors"))

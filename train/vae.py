@@ -86,7 +86,7 @@ def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
 def last_layer_replay(vae: torch.nn.Module):
     """Capture the input of ``decoder.conv_out`` on every forward; the returned ``replay()`` re-runs
     that layer on the detached input -> (output, its weight) for the adaptive GAN weight."""
-    layer = vae.output_layer() if callable(getattr(vae, "output_layer", None)) else vae.decoder.conv_out
+    layer = vae.decoder.conv_out
     captured: dict[str, torch.Tensor] = {}
 
     def hook(module, args):

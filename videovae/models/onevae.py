@@ -37,7 +37,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,10 @@ class OneVAEConfig:
     :meth:`OneVAE.scale_latents`. ``fsq_levels`` empty: continuous only; otherwise the discrete
     head quantises ``fsq_groups`` tokens per latent position with an FSQ of these levels.
     """
+
+    # fields that only shape the discrete head: a checkpoint differing from a config only in these
+    # can start it (``model.init_backbone`` in training, e.g. continuous -> discrete)
+    head_fields: ClassVar[tuple[str, ...]] = ("fsq_levels", "fsq_groups", "fsq_bound", "first_frame_boost")
 
     in_channels: int = 3
     base_channels: int = 96
@@ -586,10 +590,17 @@ class OneVAE(nn.Module):
         return self.decode_chunk(z, None)[0]
 
     def forward(
-        self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None, discrete: bool = False
-    ) -> tuple[Tensor, DiagonalGaussian]:
+        self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None, discrete: bool = False,
+        joint: bool = False,
+    ) -> tuple[Tensor, DiagonalGaussian] | JointOutput:
         """Training pass: returns (reconstruction, posterior). ``discrete``: decode through the FSQ
-        (the posterior mean is quantised; ``sample`` does not apply) instead of the continuous latent."""
+        (the posterior mean is quantised; ``sample`` does not apply) instead of the continuous latent.
+        ``joint``: both paths from one encoding, as :meth:`joint` (a forward option so that training
+        engines, which wrap ``forward``, run it)."""
+        if joint:
+            if discrete:
+                raise ValueError("forward: joint already decodes both paths; do not also pass discrete=True")
+            return self.joint(x, sample, generator)
         if not discrete:
             posterior = self.encode(x)
             z = posterior.sample(generator) if sample else posterior.mode()
@@ -878,6 +889,18 @@ PRESETS: dict[str, OneVAEConfig] = {
     "onevae-tiny": OneVAEConfig(
         base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=8,
         fsq_levels=(5, 5, 5), fsq_groups=2,
+    ),
+    # Small token models for CPU studies (benchmarks/onevae_study.py), one backbone: 4x8x8, z=16,
+    # 2 tokens of FSQ(8, 5, 5, 5) (1000 codes) per position; one token; first-frame strengthening.
+    "onevae-small": OneVAEConfig(
+        base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, fsq_levels=(8, 5, 5, 5), fsq_groups=2,
+    ),
+    "onevae-small-1tok": OneVAEConfig(
+        base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, fsq_levels=(8, 5, 5, 5), fsq_groups=1,
+    ),
+    "onevae-small-fe": OneVAEConfig(
+        base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, fsq_levels=(8, 5, 5, 5), fsq_groups=2,
+        first_frame_boost=True,
     ),
     # OneVAE token models: the z=256 Wan backbone with a 2 x FSQ(8, 8, 8, 5, 5, 5) head
     # (2 tokens of a 64000-entry codebook per latent position).
