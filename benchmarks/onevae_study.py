@@ -8,7 +8,7 @@ the held-out tokens. A measurement, not a test: numbers depend on steps, data an
 
     .venv/bin/python benchmarks/onevae_study.py --out runs/onevae-study --steps 300
 
-Runs (all ``onevae-tiny-*`` presets share the backbone; ``--steps`` optimizer steps each):
+Runs (the ``onevae-small*`` presets share one backbone; ``--steps`` optimizer steps each):
 
 - ``continuous``: the continuous path alone (the quantiser is not trained).
 - ``discrete``: the discrete path alone, from scratch.
@@ -45,12 +45,12 @@ HELD_OUT = ("mmaction2_pool.mp4", "mmaction2_makeup.avi")
 JOINT = {"discrete_weight": 1.0, "continuous_weight": 1.0}
 DISCRETE = {"discrete_weight": 1.0, "continuous_weight": 0.0}
 RUNS = [
-    ("continuous", "onevae-tiny-fsq", {}, None),
-    ("discrete", "onevae-tiny-fsq", DISCRETE, None),
-    ("joint", "onevae-tiny-fsq", JOINT, None),
-    ("discrete-from-continuous", "onevae-tiny-fsq", DISCRETE, "continuous"),
-    ("joint-1-token", "onevae-tiny-fsq1", JOINT, None),
-    ("joint-first-frame", "onevae-tiny-fsq-fe", JOINT, None),
+    ("continuous", "onevae-small", {}, None),
+    ("discrete", "onevae-small", DISCRETE, None),
+    ("joint", "onevae-small", JOINT, None),
+    ("discrete-from-continuous", "onevae-small", DISCRETE, "continuous"),
+    ("joint-1-token", "onevae-small-1tok", JOINT, None),
+    ("joint-first-frame", "onevae-small-fe", JOINT, None),
 ]
 
 

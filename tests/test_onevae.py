@@ -542,3 +542,97 @@ def _wan_from_state(state: dict[str, torch.Tensor], cfg: dict, tmp_path: Path) -
     (folder / "config.json").write_text(json.dumps(cfg))
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
     return convert_wan(folder)
+
+
+# --- token files through the CLI --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_cli(token_models, tmp_path_factory) -> dict:
+    """Checkpoints of the two token models and a 10-frame 36x44 clip (padded by the engine)."""
+    from videovae.checkpoint import save_checkpoint
+    from videovae.synthetic import write_synthetic_video
+
+    root = tmp_path_factory.mktemp("token_cli")
+    paths = {"clip": root / "clip.mkv"}
+    write_synthetic_video(paths["clip"], 10, 36, 44, seed=4, fps=12)
+    for ffb, model in token_models.items():
+        paths[ffb] = root / f"tokens_ffb{int(ffb)}.safetensors"
+        save_checkpoint(paths[ffb], model)
+    paths["root"] = root
+    return paths
+
+
+@pytest.mark.parametrize("ffb", [False, True])
+def test_cli_tokens_encode_info_decode(token_cli, capsys, ffb):
+    """encode --discrete writes a token file (chunked == whole clip, exactly); info reports its rate;
+    decode reads it back to the frames the Python API gives; the metadata records the input file."""
+    from videovae.engine import detokenize_tensor
+    from videovae.io import read_video
+    from videovae.kernels import to_uint8_frames
+    from videovae.tokens import load_tokens
+
+    root, weights, clip = token_cli["root"], str(token_cli[ffb]), str(token_cli["clip"])
+    chunked, whole = root / f"chunked{ffb}.safetensors", root / f"whole{ffb}.safetensors"
+    for out, chunk in ((chunked, "4"), (whole, "0")):
+        assert main(["encode", clip, "-o", str(out), "--weights", weights, "--discrete", "--chunk-frames", chunk,
+                     "--quiet"]) == 0
+    a, meta = load_tokens(chunked)
+    b, _ = load_tokens(whole)
+    assert sorted(a) == (["first_tokens", "tokens"] if ffb else ["tokens"]) and a["tokens"].dtype == torch.uint8
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert meta.first_frame == ffb and meta.source == "clip.mkv" and meta.source_bytes > 0
+    assert (meta.geometry.frames, meta.geometry.height, meta.geometry.width) == (10, 36, 44)
+    capsys.readouterr()
+    assert main(["info", str(chunked)]) == 0
+    info = capsys.readouterr().out
+    assert "tokens/s of video" in info and "bits per pixel: raw" in info and "input file clip.mkv" in info
+
+    video = root / f"decoded{ffb}.mkv"
+    assert main(["decode", str(chunked), "-o", str(video), "--weights", weights, "--quiet"]) == 0
+    frames, fps = read_video(video)
+    model = load_checkpoint(weights)
+    first = a.get("first_tokens")
+    tokens = model.make_tokens(a["tokens"].long(), None if first is None else first.long())
+    expected = to_uint8_frames(detokenize_tensor(model, tokens, meta.geometry))[0]
+    assert frames.shape == (10, 36, 44, 3) and fps == pytest.approx(12)
+    assert (frames.int() - expected.int()).abs().max() <= 1  # lossless FFV1; rounding only
+
+
+def test_cli_token_errors(token_cli, capsys, tmp_path):
+    """Tokens of one model are refused by another; --discrete needs a quantiser and the mean; the
+    first-frame model refuses spatial tiles; nothing is written on failure."""
+    clip = str(token_cli["clip"])
+    tokens = tmp_path / "t.safetensors"
+    assert main(["encode", clip, "-o", str(tokens), "--weights", str(token_cli[False]), "--discrete",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "x.mkv"
+    assert main(["decode", str(tokens), "-o", str(out), "--weights", str(token_cli[True]), "--quiet"]) == 1
+    assert "tokens" in capsys.readouterr().err and not out.exists()
+    assert main(["decode", str(tokens), "-o", str(out), "--quiet"]) == 1
+    assert "--weights" in capsys.readouterr().err
+    assert main(["encode", clip, "-o", str(tmp_path / "s.safetensors"), "--weights", str(token_cli[False]),
+                 "--discrete", "--sample", "--quiet"]) == 1
+    assert "--sample" in capsys.readouterr().err
+    assert main(["encode", clip, "-o", str(tmp_path / "f.safetensors"), "--weights", str(token_cli[True]),
+                 "--discrete", "--tile", "32", "--quiet"]) == 1
+    assert "first_frame_boost" in capsys.readouterr().err
+    continuous = tmp_path / "cont.safetensors"
+    assert main(["init", "--model", "tiny", "-o", str(continuous)]) == 0
+    capsys.readouterr()
+    assert main(["encode", clip, "-o", str(tmp_path / "c.safetensors"), "--weights", str(continuous),
+                 "--discrete", "--quiet"]) == 1
+    assert "quantiser" in capsys.readouterr().err
+    assert not list(tmp_path.glob("[sfc].safetensors"))
+
+
+def test_cli_roundtrip_discrete(token_cli, tmp_path):
+    metrics = tmp_path / "m.json"
+    tokens = tmp_path / "t.safetensors"
+    assert main(["roundtrip", str(token_cli["clip"]), "-o", str(tmp_path / "r.mkv"), "--weights",
+                 str(token_cli[True]), "--discrete", "--latents", str(tokens), "--metrics", str(metrics),
+                 "--quiet"]) == 0
+    m = json.loads(metrics.read_text())
+    assert m["discrete"] and m["frames"] == 10 and m["tokens"]["raw_bpp"] > 0 and tokens.is_file()

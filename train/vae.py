@@ -659,8 +659,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         stop = stop or (cfg.run_steps > 0 and step - start_step >= cfg.run_steps)
         final = stop or step == cfg.max_steps
         if step % cfg.log_every == 0 or step == 1 or final:
-            codes = usage.stats() if joint else {}
-            usage.reset()
+            codes = {}
+            if usage is not None:
+                codes = usage.stats()
+                usage.reset()
             runlog.write("train", step, {**sums, **codes, "lr": vae_engine.get_lr()[0], "samples_per_s": rate,
                                          "elapsed_s": elapsed})
         if is_main and val_clips and (step % cfg.val_every == 0 or final):

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from videovae import __version__
 from videovae.checkpoint import CheckpointError, load_checkpoint, model_digest, read_metadata, save_checkpoint
@@ -24,23 +26,34 @@ from videovae.engine import (
     EngineOptions,
     MemoryBudgetError,
     decode_frames,
+    detokenize_frames,
     encode_frames,
     parse_size,
     plan_for_budget,
+    tokenize_frames,
 )
 from videovae.fileutil import atomic_path
 from videovae.io import VideoIOError, VideoReader, VideoWriter, probe
-from videovae.latents import LatentFileError, LatentMeta, check_model_matches, load_latents, save_latents
+from videovae.latents import (
+    METADATA_KEY,
+    LatentFileError,
+    LatentMeta,
+    check_model_matches,
+    load_latents,
+    save_latents,
+)
 from videovae.models import PRESETS, from_preset
 from videovae.shipped import DEFAULT_MODEL, SHIPPED, resolve_weights, shipped_name_of
+from videovae.tokens import TOKEN_FORMAT, TokenFileError, TokenMeta, load_tokens, save_tokens, token_stats
+from videovae.tokens import check_model_matches as check_tokens_match
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 READ_CHUNK = 16
 WEIGHTS_HELP = f"checkpoint, or a shipped model's name (default: the shipped model {DEFAULT_MODEL})"
 
-USER_ERRORS = (VideoIOError, CheckpointError, LatentFileError, MemoryBudgetError, ValueError, FileNotFoundError,
-               TypeError)
+USER_ERRORS = (VideoIOError, CheckpointError, LatentFileError, TokenFileError, MemoryBudgetError, ValueError,
+               FileNotFoundError, TypeError)
 
 
 class CLIError(ValueError):
@@ -174,12 +187,79 @@ def _encode_file(args, model, path: str, sample: bool, seed: int | None):
     return latent, meta
 
 
+def _require_quantiser(args, model) -> None:
+    if getattr(model, "quantizer", None) is None:
+        weights = args.weights if args.weights is not None else f"the shipped model {DEFAULT_MODEL}"
+        raise CLIError(f"--discrete needs a model with a quantiser (a OneVAE token model); {weights} "
+                       f"({model.family}) has none")
+
+
+def _tokenize_file(args, model, path: str) -> tuple[dict[str, torch.Tensor], TokenMeta]:
+    """Stream ``path`` through the encoder and the quantiser; returns (token tensors, TokenMeta)."""
+    _require_quantiser(args, model)
+    info = probe(path)
+    opts = _engine_options(args, model, info.height, info.width)
+    total = info.num_frames if args.max_frames is None or info.num_frames is None else min(
+        info.num_frames, args.max_frames)
+    with VideoReader(path, max_frames=args.max_frames) as reader, _frame_progress(args, "read", total) as bar:
+        result = tokenize_frames(model, _counted(reader.iter_chunks(READ_CHUNK), bar), opts)
+    tensors = {"tokens": result.tokens.rest}
+    if result.tokens.first is not None:
+        tensors["first_tokens"] = result.tokens.first
+    q = model.quantizer
+    digest = model_digest(model)
+    extra = _tiling_record(opts, model)
+    shipped = shipped_name_of(digest)
+    if shipped is not None:
+        extra["shipped_model"] = shipped
+    meta = TokenMeta(
+        family=model.family,
+        config=model.config.to_dict(),
+        weights_sha256=digest,
+        levels=q.levels,
+        groups=q.groups,
+        bound=q.bound,
+        first_frame=result.tokens.first is not None,
+        time_factor=model.time_factor,
+        space_factor=model.space_factor,
+        fps=info.fps,
+        geometry=result.geometry,
+        source=os.path.basename(path),
+        source_bytes=os.path.getsize(path),
+        extra=extra,
+    )
+    return tensors, meta
+
+
+def _file_format(path: str) -> str | None:
+    """The ``format`` recorded in a videovae safetensors file (checkpoint, latents or tokens), else None."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+        return json.loads(raw).get("format") if raw else None
+    except (SafetensorError, OSError, ValueError, AttributeError):
+        return None
+
+
 def _decode_to_writer(args, model, latent: torch.Tensor, meta: LatentMeta, out: str, on_frames=None) -> int:
     g = meta.geometry
     opts = _engine_options(args, model, g.padded_height, g.padded_width)
+    return _write_frames(args, decode_frames(model, latent, g, opts), g.frames, meta.fps, out, on_frames)
+
+
+def _detokenize_to_writer(args, model, tensors: dict[str, torch.Tensor], meta: TokenMeta, out: str,
+                          on_frames=None) -> int:
+    g = meta.geometry
+    opts = _engine_options(args, model, g.padded_height, g.padded_width)
+    first = tensors.get("first_tokens")
+    tokens = model.make_tokens(tensors["tokens"].long(), None if first is None else first.long())
+    return _write_frames(args, detokenize_frames(model, tokens, g, opts), g.frames, meta.fps, out, on_frames)
+
+
+def _write_frames(args, chunks: Iterator[torch.Tensor], total: int, fps: float, out: str, on_frames=None) -> int:
     written = 0
-    with VideoWriter(out, meta.fps, crf=args.crf) as writer, _frame_progress(args, "decode", g.frames) as bar:
-        for frames in decode_frames(model, latent, g, opts):
+    with VideoWriter(out, fps, crf=args.crf) as writer, _frame_progress(args, "decode", total) as bar:
+        for frames in chunks:
             writer.write(frames)
             if on_frames is not None:
                 on_frames(frames)
@@ -249,7 +329,17 @@ def cmd_convert(args) -> None:
 
 def cmd_encode(args) -> None:
     _check_output_parent(args.output)
+    if args.discrete and args.sample:
+        raise CLIError("--discrete quantises the posterior mean; it cannot be combined with --sample")
     model = _load_model(args)
+    if args.discrete:
+        tensors, tmeta = _tokenize_file(args, model, args.input)
+        save_tokens(args.output, tensors, tmeta)
+        g = tmeta.geometry
+        if not args.quiet:
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
+            print(f"wrote {args.output}: {shapes} from {g.frames} frames {g.width}x{g.height}")
+        return
     latent, meta = _encode_file(args, model, args.input, args.sample, args.seed)
     save_latents(args.output, latent, meta)
     g = meta.geometry
@@ -259,16 +349,28 @@ def cmd_encode(args) -> None:
 
 def cmd_decode(args) -> None:
     _check_output_parent(args.output)
-    latent, meta = load_latents(args.input)
-    shipped = meta.extra.get("shipped_model")
-    if args.weights is None and shipped is None:
-        raise CLIError(f"{args.input}: these latents were not made by a shipped model; pass the encoder's "
-                       "checkpoint with --weights")
-    model = _load_model(args, shipped)
-    check_model_matches(meta, model, model_digest(model), args.input)
-    n = _decode_to_writer(args, model, latent, meta, args.output)
+    if _file_format(args.input) == TOKEN_FORMAT:
+        tensors, meta = load_tokens(args.input)
+        model = _load_model(args, _shipped_or_error(args, meta.extra, "tokens"))
+        check_tokens_match(meta, model, model_digest(model), args.input)
+        n = _detokenize_to_writer(args, model, tensors, meta, args.output)
+    else:
+        latent, meta = load_latents(args.input)
+        model = _load_model(args, _shipped_or_error(args, meta.extra, "latents"))
+        check_model_matches(meta, model, model_digest(model), args.input)
+        n = _decode_to_writer(args, model, latent, meta, args.output)
     if not args.quiet:
         print(f"wrote {args.output}: {n} frames {meta.geometry.width}x{meta.geometry.height} @ {meta.fps:g} fps")
+
+
+def _shipped_or_error(args, extra: dict, what: str) -> str | None:
+    """The shipped model named in a latent/token file's metadata; an error when neither it nor
+    ``--weights`` says which model decodes the file."""
+    shipped = extra.get("shipped_model")
+    if args.weights is None and shipped is None:
+        raise CLIError(f"{args.input}: these {what} were not made by a shipped model; pass the encoder's "
+                       "checkpoint with --weights")
+    return shipped
 
 
 def cmd_roundtrip(args) -> None:
@@ -278,9 +380,15 @@ def cmd_roundtrip(args) -> None:
         if path:
             _check_output_parent(path)
     model = _load_model(args)
-    latent, meta = _encode_file(args, model, args.input, False, None)
-    if args.latents:
-        save_latents(args.latents, latent, meta)
+    if args.discrete:
+        tensors, meta = _tokenize_file(args, model, args.input)
+        if args.latents:
+            save_tokens(args.latents, tensors, meta)
+        latent = tensors["tokens"]
+    else:
+        latent, meta = _encode_file(args, model, args.input, False, None)
+        if args.latents:
+            save_latents(args.latents, latent, meta)
     accumulator = MetricAccumulator()
     preview = _PreviewCollector(meta.geometry.frames, count=4) if args.preview else None
     with VideoReader(args.input, max_frames=args.max_frames) as reader:
@@ -292,10 +400,16 @@ def cmd_roundtrip(args) -> None:
             if preview is not None:
                 preview.add(original, frames)
 
-        _decode_to_writer(args, model, latent, meta, args.output, on_frames=compare)
+        if args.discrete:
+            _detokenize_to_writer(args, model, tensors, meta, args.output, on_frames=compare)
+        else:
+            _decode_to_writer(args, model, latent, meta, args.output, on_frames=compare)
     metrics = accumulator.result()
     weights = args.weights if args.weights is not None else f"shipped:{DEFAULT_MODEL}"
-    metrics.update(input=args.input, output=args.output, weights=weights, latent_shape=list(latent.shape))
+    metrics.update(input=args.input, output=args.output, weights=weights, latent_shape=list(latent.shape),
+                   discrete=args.discrete)
+    if args.discrete:
+        metrics["tokens"] = token_stats(tensors, meta)
     if args.metrics:
         with atomic_path(args.metrics) as tmp:
             tmp.write_text(json.dumps(metrics, indent=2))
@@ -352,6 +466,9 @@ def cmd_info(args) -> None:
     path = args.file
     if not os.path.exists(path):
         raise CLIError(f"{path}: no such file")
+    if path.endswith(".safetensors") and _file_format(path) == TOKEN_FORMAT:
+        _print_token_info(path)
+        return
     if path.endswith(".safetensors"):
         try:
             meta = read_metadata(path)
@@ -382,6 +499,27 @@ def cmd_info(args) -> None:
           f"{info.codec} {info.pix_fmt}")
 
 
+def _print_token_info(path: str) -> None:
+    tensors, meta = load_tokens(path)
+    g = meta.geometry
+    stats = token_stats(tensors, meta)
+    shapes = ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in tensors.items())
+    print(f"{path}: videovae tokens {shapes}")
+    shipped = meta.extra.get("shipped_model")
+    print(f"  model: {meta.family}, weights sha256 {meta.weights_sha256[:12]}"
+          + (f" (shipped model {shipped})" if shipped else ""))
+    print(f"  FSQ levels {list(meta.levels)} ({stats['bits_per_token']:.2f} bits/token), "
+          f"{meta.groups} token(s) per latent position, bound {meta.bound}, "
+          f"first-frame tokens: {'yes (2x resolution)' if meta.first_frame else 'no'}")
+    print(f"  video: {g.frames} frames {g.width}x{g.height} @ {meta.fps:g} fps "
+          f"(padded to {g.padded_frames} x {g.padded_width}x{g.padded_height}, {g.pad_mode})")
+    print(f"  {stats['tokens']:,} tokens, {stats['tokens_per_second']:,.0f} tokens/s of video")
+    line = (f"  bits per pixel: raw {stats['raw_bpp']:.5f}, {stats['compressor']} {stats['compressed_bpp']:.5f}")
+    if stats["source_bpp"] is not None:
+        line += f", input file {meta.source} {stats['source_bpp']:.5f}"
+    print(line)
+
+
 def cmd_models(args) -> None:
     print(f"{'preset':<20} {'family':<12} {'compression':<12} {'z':>3} {'encoder':>12} {'decoder':>12}  notes")
     for name, (family, cfg) in PRESETS.items():
@@ -394,6 +532,9 @@ def cmd_models(args) -> None:
             notes.append("exact halo tiling")
         if hasattr(model, "official_encode"):
             notes.append("official tiling")
+        if getattr(cfg, "discrete", False):
+            notes.append(f"{cfg.fsq_groups} FSQ token(s) of {math.prod(cfg.fsq_levels)} codes per position"
+                         + (", first-frame tokens at 2x" if cfg.first_frame_boost else ""))
         if name in SHIPPED:
             notes.append("shipped weights (default model)" if name == DEFAULT_MODEL else "shipped weights")
         comp = f"{cfg.time_factor}x{cfg.space_factor}x{cfg.space_factor}"
@@ -450,16 +591,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="store weights in this dtype")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("encode", help="video -> latent file")
+    p = sub.add_parser("encode", help="video -> latent file (or token file with --discrete)")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--sample", action="store_true", help="store a posterior sample instead of the mean")
     p.add_argument("--seed", type=int, default=None, help="seed of --sample")
+    p.add_argument("--discrete", action="store_true",
+                   help="write FSQ token indices (models with a quantiser, e.g. OneVAE) instead of latents")
     _add_engine_flags(p)
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("decode", help="latent file -> video (.mp4 H.264, .mkv lossless FFV1, or a PNG folder)")
+    p = sub.add_parser("decode", help="latent or token file -> video (.mp4 H.264, .mkv lossless FFV1, or a PNG "
+                                       "folder)")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--weights", default=None,
@@ -473,14 +617,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    p.add_argument("--latents", default=None, help="also save the latents here")
+    p.add_argument("--latents", default=None, help="also save the latents (tokens with --discrete) here")
+    p.add_argument("--discrete", action="store_true", help="go through the tokens (models with a quantiser)")
     p.add_argument("--metrics", default=None, help="write PSNR/SSIM/flicker JSON here")
     p.add_argument("--preview", default=None, help="write a side-by-side PNG (original | reconstruction | error)")
     p.add_argument("--crf", type=int, default=18)
     _add_engine_flags(p)
     p.set_defaults(func=cmd_roundtrip)
 
-    p = sub.add_parser("info", help="describe a video, checkpoint or latent file")
+    p = sub.add_parser("info", help="describe a video, checkpoint, latent or token file")
     p.add_argument("file")
     p.set_defaults(func=cmd_info)
 

@@ -476,8 +476,13 @@ def decode_tensor(model, z: Tensor, geometry: VideoGeometry | None = None, **opt
 def decode_frames(model, z: Tensor, geometry: VideoGeometry, opts: EngineOptions | None = None) -> Iterator[Tensor]:
     """Decode to uint8 RGB frame chunks (t, H, W, 3) on the CPU, cropped to the original
     geometry: padding frames are never yielded. Memory stays bounded by one chunk."""
+    return _cropped_frames(decode_chunks(model, z, opts), geometry)
+
+
+def _cropped_frames(chunks: Iterable[Tensor], geometry: VideoGeometry) -> Iterator[Tensor]:
+    """float (1, 3, t, H', W') chunks of the padded clip -> uint8 (t, H, W, 3) chunks of the original."""
     emitted = 0
-    for chunk in decode_chunks(model, z, opts):
+    for chunk in chunks:
         keep = min(chunk.shape[2], geometry.frames - emitted)
         if keep <= 0:
             break
@@ -532,6 +537,12 @@ def tokenize_chunks(model, chunks: Iterable[Tensor], opts: EngineOptions | None 
     return TokenizeResult(model.make_tokens(indices.cpu(), first_indices.cpu()), source.geometry)
 
 
+def tokenize_frames(model, frames: Iterable[Tensor], opts: EngineOptions | None = None) -> TokenizeResult:
+    """Tokenise a stream of uint8 (t, H, W, 3) RGB frame chunks (e.g. ``VideoReader.iter_chunks``)."""
+    opts = opts or EngineOptions()
+    return tokenize_chunks(model, _frames_to_model(frames, opts.device, opts.dtype), opts)
+
+
 def tokenize_tensor(model, video: Tensor, **options) -> TokenizeResult:
     """Tokenise a (1, 3, T, H, W) clip in [-1, 1] (any T, H, W) through the engine."""
     return tokenize_chunks(model, [video], EngineOptions(**options))
@@ -557,6 +568,11 @@ def detokenize_chunks(model, tokens, opts: EngineOptions | None = None) -> Itera
         rest = z[:, :, max(a - 1, 0) : b - 1].to(opts.dtype)
         y, cache = model.decode_parts_chunk(rest, cache, first)
         yield y.float()
+
+
+def detokenize_frames(model, tokens, geometry: VideoGeometry, opts: EngineOptions | None = None) -> Iterator[Tensor]:
+    """Decode tokens to uint8 RGB frame chunks (t, H, W, 3) on the CPU, cropped to ``geometry``."""
+    return _cropped_frames(detokenize_chunks(model, tokens, opts), geometry)
 
 
 def detokenize_tensor(model, tokens, geometry: VideoGeometry | None = None, **options) -> Tensor:
