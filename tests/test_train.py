@@ -328,3 +328,15 @@ def test_init_backbone_from_a_continuous_checkpoint(tmp_path):
         init_backbone(from_preset("onevae-small"), str(tmp_path / "cont.safetensors"))
     with pytest.raises(ConfigError, match="onevae"):
         init_backbone(from_preset("tiny"), str(tmp_path / "cont.safetensors"))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIG.parent.glob("*.yaml")))
+def test_shipped_configs_load_and_fit_their_preset(name):
+    """Every config in train/configs parses, validates, and its clip geometry fits its preset."""
+    from videovae.models import from_preset
+    from videovae.train.config import check_against_model
+
+    cfg = load_config(CONFIG.parent / name, ["data.paths=[clips/]"])
+    with torch.device("meta"):
+        model = from_preset(cfg.model.preset)
+    check_against_model(cfg, model.time_factor, model.space_factor)

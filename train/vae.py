@@ -669,7 +669,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             last_val, preview = validate(ema if ema is not None else vae, val_clips, loss_fn.compat, joint)
             write_png(run_dir / "previews" / f"step_{step:08d}.png", preview)
             runlog.write("val", step, last_val)
-            bar.write(f"step {step}: val PSNR {last_val['psnr']:.2f} dB, SSIM {last_val['ssim']:.4f}")
+            discrete = f", discrete {last_val['psnr_discrete']:.2f} dB" if "psnr_discrete" in last_val else ""
+            bar.write(f"step {step}: val PSNR {last_val['psnr']:.2f} dB, SSIM {last_val['ssim']:.4f}{discrete}")
         if step % cfg.save_every == 0 or final:
             save_training_state(ckpt_dir, step, engines, ema, dict(counters), rank, cfg.keep_checkpoints,
                                 run_layout(cfg, world, engine_kind))
