@@ -340,3 +340,13 @@ def test_shipped_configs_load_and_fit_their_preset(name):
     with torch.device("meta"):
         model = from_preset(cfg.model.preset)
     check_against_model(cfg, model.time_factor, model.space_factor)
+
+
+def test_token_presets_share_their_continuous_backbone():
+    """wan2.1-fsq starts from converted Wan 2.1 weights: the configs differ in head fields only."""
+    from videovae.models import PRESETS
+
+    (_, wan), (_, fsq) = PRESETS["wan2.1"], PRESETS["wan2.1-fsq"]
+    head = set(type(wan).head_fields)
+    a, b = wan.to_dict(), fsq.to_dict()
+    assert {k for k in a if a[k] != b[k]} <= head and fsq.discrete and not wan.discrete

@@ -885,6 +885,9 @@ _TOKEN_FSQ = dict(fsq_levels=(8, 8, 8, 5, 5, 5), fsq_groups=2)
 PRESETS: dict[str, OneVAEConfig] = {
     # The released Wan 2.1 VAE: 4x8x8, z=16, 96 x [1, 2, 4, 4], ~127 M parameters.
     "wan2.1": OneVAEConfig(latents_mean=WAN21_LATENTS_MEAN, latents_std=WAN21_LATENTS_STD),
+    # The Wan 2.1 backbone with OneVAE's token head: starts from converted Wan 2.1 weights
+    # (`model.init_backbone`), the recipe of quantising a trained continuous VAE.
+    "wan2.1-fsq": OneVAEConfig(latents_mean=WAN21_LATENTS_MEAN, latents_std=WAN21_LATENTS_STD, **_TOKEN_FSQ),
     # Small, for tests and CPU demos: 4x8x8, z=8.
     "onevae-tiny": OneVAEConfig(
         base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=8,
