@@ -103,7 +103,7 @@ def _random_resized_crop(frames: torch.Tensor, size: int, rng: np.random.Generat
     return x.clamp(-1.0, 1.0).contiguous()
 
 
-def _shrink(frames: torch.Tensor, short_side: int) -> torch.Tensor:
+def shrink_frames(frames: torch.Tensor, short_side: int) -> torch.Tensor:
     """Resize uint8 (T, H, W, 3) so min(H, W) <= short_side (no-op when already small or 0)."""
     t, h, w, _ = frames.shape
     if short_side <= 0 or min(h, w) <= short_side:
@@ -190,7 +190,7 @@ class ClipDataset(Dataset):
     def _read_image(self, path: str) -> torch.Tensor:
         cached = self._cache.get(path)
         if cached is None:
-            cached = self._remember(path, _shrink(read_image(path), self.decode_short_side))
+            cached = self._remember(path, shrink_frames(read_image(path), self.decode_short_side))
         return cached
 
     def _remember(self, path: str, frames: torch.Tensor) -> torch.Tensor:
@@ -222,10 +222,10 @@ class ClipDataset(Dataset):
                 # too large to keep: decode only up to the clip's last frame
                 idx = self._clip_indices(min(known, limit), rng)
                 with VideoReader(path, max_frames=idx[-1] + 1) as reader:
-                    part = _shrink(reader.read_all(), self.decode_short_side)
+                    part = shrink_frames(reader.read_all(), self.decode_short_side)
                 return part[[min(i, part.shape[0] - 1) for i in idx]]
             with VideoReader(path, max_frames=limit) as reader:
-                frames = self._remember(path, _shrink(reader.read_all(), self.decode_short_side))
+                frames = self._remember(path, shrink_frames(reader.read_all(), self.decode_short_side))
         idx = self._clip_indices(frames.shape[0], rng)
         return frames[idx]
 
@@ -239,7 +239,7 @@ class ClipDataset(Dataset):
             frames = torch.from_numpy(vr.get_batch(idx).asnumpy())
         except Exception as err:  # decord raises DECORDError / RuntimeError
             raise VideoIOError(f"{path}: decord cannot read this video ({err})") from err
-        return _shrink(frames, self.decode_short_side)
+        return shrink_frames(frames, self.decode_short_side)
 
     def validation_clips(self, count: int) -> list[torch.Tensor]:
         """A fixed set of ``count`` clips (same seed -> same clips), each ``(3, T, S, S)``."""
