@@ -528,6 +528,14 @@ def test_convert_onevae_official_with_quantizer_and_boost(tmp_path):
     wan = _wan_from_state(ref.state_dict(), cfg, tmp_path)
     for k, v in wan.state_dict().items():
         assert torch.equal(v, sd[k]), k
+    # other FSQ levels (not stored by the official code) come from the command line: 4 groups of 3
+    relevelled = tmp_path / "levels.safetensors"
+    assert main(["convert", str(tmp_path / "step=5000-model.ckpt"), "--from", "onevae-official", "-o",
+                 str(relevelled), "--fsq-levels", "5,5,5"]) == 0
+    c = load_checkpoint(relevelled).config
+    assert c.fsq_levels == (5, 5, 5) and c.fsq_groups == 4
+    assert main(["convert", str(tmp_path / "step=5000-model.ckpt"), "--from", "wan2.1", "-o",
+                 str(tmp_path / "x.safetensors"), "--fsq-levels", "5,5,5"]) == 1
     bad = dict(ckpt["state_dict"], **{"quantize.project_in.weight": torch.zeros(12, 12)})
     torch.save({"state_dict": bad}, tmp_path / "bad.ckpt")
     from videovae.models.onevae import convert_official

@@ -319,7 +319,16 @@ def cmd_convert(args) -> None:
     converters = {"od-vae-official": odvae.convert_official, "cv-vae-official": cvvae.convert_official,
                   "wan2.1": onevae.convert_wan, "onevae-official": onevae.convert_official}
     _check_output_parent(args.output)
-    model = converters[args.from_format](args.src, prefer_ema=not args.no_ema)
+    config = None
+    if args.fsq_levels is not None:
+        if args.from_format != "onevae-official":
+            raise CLIError("--fsq-levels applies to --from onevae-official (official checkpoints do not store them)")
+        try:
+            levels = tuple(int(v) for v in args.fsq_levels.split(","))
+        except ValueError:
+            raise CLIError(f"--fsq-levels: expected comma-separated integers, got {args.fsq_levels!r}") from None
+        config = {"fsq_levels": levels}
+    model = converters[args.from_format](args.src, prefer_ema=not args.no_ema, config=config)
     extra = {"converted_from": args.from_format, "source": os.path.basename(args.src.rstrip("/"))}
     digest = save_checkpoint(args.output, model, dtype=DTYPES[args.dtype] if args.dtype else None, extra=extra)
     params = model.num_parameters()
@@ -589,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--no-ema", action="store_true", help="training checkpoints: use state_dict, not ema_state_dict")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="store weights in this dtype")
+    p.add_argument("--fsq-levels", default=None,
+                   help="onevae-official: FSQ levels of the checkpoint, e.g. 8,8,8,5,5,5 (the default: the released "
+                        "models' levels; the groups are read from the weights)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("encode", help="video -> latent file (or token file with --discrete)")
