@@ -55,12 +55,12 @@ RUNS = [
 ]
 
 
-def prepare_training_clips(folder: Path, short_side: int) -> list[str]:
+def prepare_training_clips(folder: Path, short_side: int, names: list[str]) -> list[str]:
     """The training clips decoded once and stored at ``short_side`` (lossless FFV1), so that every
     run reads small files instead of decoding the full-resolution sources again."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in TRAIN_CLIPS:
+    for name in names:
         out = folder / (Path(name).stem + ".mkv")
         if not out.is_file():
             with VideoReader(str(SHARED / name), max_frames=2048) as reader:
@@ -96,10 +96,10 @@ def train_config(name: str, preset: str, loss: dict, init: Path | None, args) ->
     }
 
 
-def held_out_clips(frames: int, size: int) -> list[torch.Tensor]:
-    """Centre crops (1, 3, frames, size, size) in [-1, 1] of the held-out clips' first frames."""
+def centre_clips(names: list[str], frames: int, size: int) -> list[torch.Tensor]:
+    """Centre crops (1, 3, frames, size, size) in [-1, 1] of the clips' first frames."""
     clips = []
-    for name in HELD_OUT:
+    for name in names:
         with VideoReader(str(SHARED / name), max_frames=frames) as reader:
             video = torch.cat(list(reader.iter_chunks(frames)))  # (T, H, W, 3) uint8
         t, h, w, _ = video.shape
@@ -111,20 +111,24 @@ def held_out_clips(frames: int, size: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(weights: Path, clips: list[torch.Tensor]) -> dict:
+def evaluate(weights: Path, sets: dict[str, list[torch.Tensor]]) -> dict:
+    """PSNR of both paths and of frame 0 (discrete) on each set of clips; codebook usage and
+    perplexity of the tokens of all of them."""
     model = load_checkpoint(weights)
     usage = CodebookUsage(model.quantizer.codebook_size)
-    scores: dict[str, list[float]] = {"psnr_continuous": [], "psnr_discrete": [], "psnr_frame0_discrete": []}
-    for x in clips:
-        out = model(x, sample=False, joint=True)
-        cont, disc = out.recon.clamp(-1, 1), out.recon_discrete.clamp(-1, 1)
-        scores["psnr_continuous"].append(psnr(x, cont).mean().item())
-        scores["psnr_discrete"].append(psnr(x, disc).mean().item())
-        scores["psnr_frame0_discrete"].append(psnr(x[:, :, :1], disc[:, :, :1]).mean().item())
-        for part in (out.tokens.rest, out.tokens.first):
-            if part is not None:
-                usage.update(part)
-    result = {k: sum(v) / len(v) for k, v in scores.items()}
+    result: dict[str, float] = {}
+    for set_name, clips in sets.items():
+        scores: dict[str, list[float]] = {"psnr_continuous": [], "psnr_discrete": [], "psnr_frame0_discrete": []}
+        for x in clips:
+            out = model(x, sample=False, joint=True)
+            cont, disc = out.recon.clamp(-1, 1), out.recon_discrete.clamp(-1, 1)
+            scores["psnr_continuous"].append(psnr(x, cont).mean().item())
+            scores["psnr_discrete"].append(psnr(x, disc).mean().item())
+            scores["psnr_frame0_discrete"].append(psnr(x[:, :, :1], disc[:, :, :1]).mean().item())
+            for part in (out.tokens.rest, out.tokens.first):
+                if part is not None:
+                    usage.update(part)
+        result.update({f"{set_name}_{k}": sum(v) / len(v) for k, v in scores.items()})
     result.update({f"codebook_{k}": v for k, v in usage.stats().items()})
     result["bits_per_token"] = math.log2(model.quantizer.codebook_size)
     return result
@@ -141,13 +145,17 @@ def main() -> None:
     p.add_argument("--eval-size", type=int, default=64, help="held-out clips: centre crop resized to this")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", default=None, help="comma-separated run names (default: all)")
+    p.add_argument("--train-clips", default=",".join(TRAIN_CLIPS),
+                   help=f"comma-separated sample clips to train on (default: {','.join(TRAIN_CLIPS)})")
     args = p.parse_args()
-    missing = [c for c in TRAIN_CLIPS + HELD_OUT if not (SHARED / c).is_file()]
+    train_names = args.train_clips.split(",")
+    missing = [c for c in [*train_names, *HELD_OUT] if not (SHARED / c).is_file()]
     if missing:
         raise SystemExit(f"sample clips missing under {SHARED}: {', '.join(missing)}")
     wanted = set(args.only.split(",")) if args.only else None
-    args.clips = prepare_training_clips(args.out / "data", args.short_side)
-    clips = held_out_clips(args.eval_frames, args.eval_size)
+    args.clips = prepare_training_clips(args.out / "data", args.short_side, train_names)
+    sets = {"train": centre_clips(train_names, args.eval_frames, args.eval_size),
+            "held_out": centre_clips(list(HELD_OUT), args.eval_frames, args.eval_size)}
     results = {}
     results_path = args.out / "results.json"
     if results_path.is_file():
@@ -160,10 +168,11 @@ def main() -> None:
         if not (args.out / name / "vae.safetensors").is_file():
             train(config_from_dict(train_config(name, preset, loss, init, args)))
         results[name] = {"preset": preset, "steps": args.steps, "train_s": time.time() - start,
-                         **evaluate(args.out / name / "vae.safetensors", clips)}
+                         **evaluate(args.out / name / "vae.safetensors", sets)}
         args.out.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2))
-    cols = ["psnr_continuous", "psnr_discrete", "psnr_frame0_discrete", "codebook_usage", "codebook_perplexity"]
+    cols = [f"{s}_{k}" for s in sets for k in ("psnr_continuous", "psnr_discrete", "psnr_frame0_discrete")]
+    cols += ["codebook_usage", "codebook_perplexity"]
     print("| run | preset | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for name, r in results.items():
