@@ -43,6 +43,8 @@ from videovae.latents import (
     save_latents,
 )
 from videovae.models import PRESETS, from_preset
+from videovae.models.turbo_vaed import TEACHERS as TURBO_TEACHERS
+from videovae.models.turbo_vaed import teacher_parameter_ratio
 from videovae.shipped import DEFAULT_MODEL, SHIPPED, resolve_weights, shipped_name_of
 from videovae.tokens import TOKEN_FORMAT, TokenFileError, TokenMeta, load_tokens, save_tokens, token_stats
 from videovae.tokens import check_model_matches as check_tokens_match
@@ -535,6 +537,8 @@ def cmd_models(args) -> None:
         if getattr(cfg, "discrete", False):
             notes.append(f"{cfg.fsq_groups} FSQ token(s) of {math.prod(cfg.fsq_levels)} codes per position"
                          + (", first-frame tokens at 2x" if cfg.first_frame_boost else ""))
+        if name in TURBO_TEACHERS:
+            notes.append(f"decoder-only, {teacher_parameter_ratio(name):.1%} of {TURBO_TEACHERS[name]}'s decoder")
         if name in SHIPPED:
             notes.append("shipped weights (default model)" if name == DEFAULT_MODEL else "shipped weights")
         comp = f"{cfg.time_factor}x{cfg.space_factor}x{cfg.space_factor}"
