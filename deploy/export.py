@@ -115,12 +115,6 @@ class StreamSpec:
         return cls(**data)
 
 
-def _check_latents(spec: StreamSpec, latents: Tensor, frames: int) -> None:
-    expected = (1, spec.latent_channels, frames, spec.latent_height, spec.latent_width)
-    if tuple(latents.shape) != expected:
-        raise ExportError(f"expected a latent chunk of shape {expected}, got {tuple(latents.shape)}")
-
-
 class FirstChunk(nn.Module):
     """``first`` graph: latents (1, z, 1 + k, h, w) -> (frames, *state)."""
 
@@ -178,7 +172,8 @@ def stream_spec(model: nn.Module, chunk_latents: int, latent_height: int, latent
     if after_first != after_step:
         changed = sorted(k for k in set(after_first) | set(after_step) if after_first.get(k) != after_step.get(k))
         raise ExportError(
-            f"the causal state changes shape between chunks ({', '.join(changed)}): use a longer chunk_latents"
+            f"the causal state changes shape between chunks ({', '.join(changed)}): state that grows with the "
+            "clip or depends on the chunk length cannot be exported with fixed shapes"
         )
     state = tuple(StateTensor(k, s) for k, s in after_step.items() if len(s) > 0)
     markers = tuple(k for k, s in after_step.items() if len(s) == 0)
