@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -234,8 +235,35 @@ def graph_paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
     return path, path.with_name(f"{path.stem}.first{path.suffix}"), path.with_name(f"{path.name}.json")
 
 
+def _upsample_nearest_exact2d(g, x, output_size, scale_factors):
+    """ONNX ``Resize`` for ``F.interpolate(mode="nearest-exact")`` (Wan/OneVAE upsamplers), which the
+    TorchScript exporter lacks: source pixel ``floor((dst + 0.5) / scale)`` is ONNX's nearest mode
+    with ``floor`` rounding and ``tf_half_pixel_for_nn`` coordinates (``asymmetric`` for integer
+    factors, where both agree)."""
+    from torch.onnx import symbolic_helper as sh
+
+    factors = None if sh._is_none(scale_factors) else sh._maybe_get_const(scale_factors, "fs")
+    if factors is None or sh._is_value(factors):
+        sizes = sh._get_tensor_sizes(x)[2:]
+        out = sh._maybe_get_const(output_size, "is")
+        if sh._is_value(out) or None in sizes:
+            raise ExportError("nearest-exact upsampling needs static scale factors or sizes to export to ONNX")
+        factors = [o / s for o, s in zip(out, sizes, strict=True)]
+    scales = g.op("Constant", value_t=torch.tensor([1.0, 1.0, *factors], dtype=torch.float32))
+    roi = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+    # for integer factors floor(dst / f) == floor((dst + 0.5) / f): the non-deprecated asymmetric mode
+    coords = "asymmetric" if all(float(f).is_integer() for f in factors) else "tf_half_pixel_for_nn"
+    return g.op("Resize", x, roi, scales, mode_s="nearest", coordinate_transformation_mode_s=coords,
+                nearest_mode_s="floor")
+
+
 def _export_onnx(module: nn.Module, inputs: tuple[Tensor, ...], names: tuple[list[str], list[str]], out: Path) -> None:
-    with atomic_path(out) as tmp:
+    torch.onnx.register_custom_op_symbolic("aten::_upsample_nearest_exact2d", _upsample_nearest_exact2d, ONNX_OPSET)
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        # Shapes are fixed by design (one chunk length, one frame size): the tracer's warnings
+        # about shape-dependent Python branches, and unfoldable strided slices, are expected.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")
         # The TorchScript-based exporter: it needs no onnxscript and runs offline.
         torch.onnx.export(
             module, inputs, str(tmp), input_names=names[0], output_names=names[1], opset_version=ONNX_OPSET,

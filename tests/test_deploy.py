@@ -232,3 +232,14 @@ def test_runner_matches_videovae_decode(latent_file, fmt, capsys):
     assert main(["decode", str(lat), "-o", str(root / "x.mkv"), "--runtime", fmt[0], "--exported", str(out),
                  "--weights", str(root / "other.safetensors")]) == 1
     assert "exported from other weights" in capsys.readouterr().err
+
+
+@needs_ort
+@torch.no_grad()
+def test_onevae_continuous_decoder_onnx(tmp_path):
+    """Wan/OneVAE decoders use nearest-exact upsampling, exported through a custom ONNX Resize."""
+    model = _model("onevae-tiny")
+    path = tmp_path / "onevae.onnx"
+    export_decoder(model, path, format="onnx", chunk_latents=K, height=H, width=W)
+    z = torch.randn(1, model.latent_channels, 1 + 2 * K, 4, 5, generator=torch.Generator().manual_seed(4))
+    assert (OnnxDecoder(path).decode(z) - model.decode(z)).abs().max() <= 1e-4
