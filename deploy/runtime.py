@@ -188,14 +188,21 @@ def check_latent_file_matches(meta, spec: StreamSpec, path: str) -> None:
     check_model_matches(meta, model, spec.weights_sha256, path)
 
 
-def decode_latent_file(
-    latent_path: str | os.PathLike, decoder: StreamingDecoder
+def decode_latents_to_frames(
+    latent: Tensor, meta, decoder: StreamingDecoder, path: str = "latents"
 ) -> Iterator[Tensor]:
+    """Latents and their :class:`videovae.latents.LatentMeta` (as loaded from ``path``) -> uint8
+    (t, H, W, 3) RGB frame chunks of the original geometry, like ``videovae decode``."""
+    from videovae.engine import _cropped_frames
+
+    check_latent_file_matches(meta, decoder.spec, path)
+    return _cropped_frames(decoder.iter_decode(latent.float()), meta.geometry)
+
+
+def decode_latent_file(latent_path: str | os.PathLike, decoder: StreamingDecoder) -> Iterator[Tensor]:
     """Decode a latent file (:func:`videovae.latents.load_latents`) with an exported decoder:
     yields uint8 (t, H, W, 3) RGB frame chunks of the original geometry, like ``videovae decode``."""
-    from videovae.engine import _cropped_frames
     from videovae.latents import load_latents
 
     latent, meta = load_latents(latent_path)
-    check_latent_file_matches(meta, decoder.spec, os.fspath(latent_path))
-    return _cropped_frames(decoder.iter_decode(latent.float()), meta.geometry)
+    return decode_latents_to_frames(latent, meta, decoder, os.fspath(latent_path))

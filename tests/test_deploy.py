@@ -21,7 +21,7 @@ from videovae.deploy.runtime import (
 )
 from videovae.engine import decode_frames
 from videovae.io import read_image
-from videovae.latents import load_latents
+from videovae.latents import LatentFileError, load_latents
 from videovae.layers import CausalCache
 from videovae.models import from_preset
 from videovae.synthetic import write_synthetic_video
@@ -201,7 +201,7 @@ def latent_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_runner_matches_videovae_decode(latent_file, fmt, capsys):
+def test_runner_matches_videovae_decode(latent_file, exported, fmt, capsys):
     root = latent_file
     weights, lat = root / "w.safetensors", root / "lat.safetensors"
     out = root / f"tiny.{fmt[1]}"
@@ -212,9 +212,9 @@ def test_runner_matches_videovae_decode(latent_file, fmt, capsys):
 
     model = load_checkpoint(weights)
     eager = torch.cat(list(decode_frames(model, latent, meta.geometry)), dim=0)
-    exported = torch.cat(list(decode_latent_file(lat, open_decoder(out, fmt[0]))), dim=0)
-    assert exported.shape == eager.shape == (14, 32, 40, 3)
-    assert (exported.int() - eager.int()).abs().max() <= 1  # fp32 within 1e-4 can still round differently
+    streamed = torch.cat(list(decode_latent_file(lat, open_decoder(out, fmt[0]))), dim=0)
+    assert streamed.shape == eager.shape == (14, 32, 40, 3)
+    assert (streamed.int() - eager.int()).abs().max() <= 1  # fp32 within 1e-4 can still round differently
     # the CLI: lossless PNG frames from both paths
     assert main(["decode", str(lat), "-o", str(root / "eager"), "--weights", str(weights), "--quiet"]) == 0
     assert main(["decode", str(lat), "-o", str(root / f"rt-{fmt[0]}"), "--runtime", fmt[0], "--exported", str(out),
@@ -232,6 +232,9 @@ def test_runner_matches_videovae_decode(latent_file, fmt, capsys):
     assert main(["decode", str(lat), "-o", str(root / "x.mkv"), "--runtime", fmt[0], "--exported", str(out),
                  "--weights", str(root / "other.safetensors")]) == 1
     assert "exported from other weights" in capsys.readouterr().err
+    _, turbo = exported("turbo-tiny", fmt)
+    with pytest.raises(LatentFileError, match="come from a different model"):
+        list(decode_latent_file(lat, open_decoder(turbo, fmt[0])))
 
 
 @needs_ort

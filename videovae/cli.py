@@ -361,8 +361,7 @@ def cmd_decode(args) -> None:
         check_tokens_match(meta, model, model_digest(model), args.input)
         n = _detokenize_to_writer(args, model, tensors, meta, args.output)
     elif args.runtime is not None:
-        n = _decode_exported(args)
-        meta = load_latents(args.input)[1]
+        n, meta = _decode_exported(args)
     else:
         latent, meta = load_latents(args.input)
         model = _load_model(args, _shipped_or_error(args, meta.extra, "latents"))
@@ -372,9 +371,10 @@ def cmd_decode(args) -> None:
         print(f"wrote {args.output}: {n} frames {meta.geometry.width}x{meta.geometry.height} @ {meta.fps:g} fps")
 
 
-def _decode_exported(args) -> int:
-    """``decode --runtime R --exported F``: stream the latent file through the exported decoder."""
-    from videovae.deploy.runtime import decode_latent_file, open_decoder
+def _decode_exported(args) -> tuple[int, LatentMeta]:
+    """``decode --runtime R --exported F``: stream the latent file through the exported decoder
+    (its own chunk length; the engine flags do not apply)."""
+    from videovae.deploy.runtime import decode_latents_to_frames, open_decoder
 
     try:
         decoder = open_decoder(args.exported, args.runtime)
@@ -385,8 +385,9 @@ def _decode_exported(args) -> int:
         digest = read_metadata(path).get("weights_sha256")
         if digest != decoder.spec.weights_sha256:
             raise CLIError(f"{args.exported} was exported from other weights than {args.weights}")
-    meta = load_latents(args.input)[1]
-    return _write_frames(args, decode_latent_file(args.input, decoder), meta.geometry.frames, meta.fps, args.output)
+    latent, meta = load_latents(args.input)
+    frames = decode_latents_to_frames(latent, meta, decoder, args.input)
+    return _write_frames(args, frames, meta.geometry.frames, meta.fps, args.output), meta
 
 
 def cmd_export(args) -> None:

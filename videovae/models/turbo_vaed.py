@@ -45,8 +45,8 @@ from videovae.layers import (
 )
 
 
-class DecoderOnlyError(NotImplementedError):
-    """A decoder-only model was asked to encode."""
+class DecoderOnlyError(TypeError):
+    """A decoder-only model was asked to encode (a TypeError: the model does not support the call)."""
 
 
 @dataclass(frozen=True)
