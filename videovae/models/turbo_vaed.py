@@ -377,9 +377,11 @@ def teacher_parameter_ratio(preset: str) -> float:
 
 PRESETS: dict[str, TurboVAEDConfig] = {
     # For tests and CPU demos: the `tiny` causal-vae's latent geometry (4x8x8, z=4), time upsampled
-    # at the two lowest resolutions as in the teacher.
+    # at the two lowest resolutions as in the teacher. The last 2x in space is a 2x2 unpatchify of
+    # conv_out, so no level runs at full resolution: about 3x faster on a CPU than four levels with
+    # the same widths (17 frames at 256x256, eager).
     "turbo-tiny": TurboVAEDConfig(
-        latent_channels=4, channels=(32, 32, 16, 16), blocks=(1, 1, 1, 1), time_up=(2, 2, 1), space_up=(2, 2, 2)
+        latent_channels=4, channels=(32, 32, 24), blocks=(1, 1, 1), time_up=(2, 2), space_up=(2, 2), patch_size=2
     ),
     # OD-VAE (4x8x8, z=4; decoder 128 x [4, 4, 2, 1] wide, 3 blocks per level).
     "turbo-od-vae": TurboVAEDConfig(
