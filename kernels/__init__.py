@@ -20,7 +20,7 @@ import os
 import torch
 
 from .blend_tile.reference import blend_tile_ref_, normalize_canvas_ref
-from .causal_pad3d.reference import causal_pad3d_ref
+from .causal_pad3d.reference import causal_pad3d_ref, check_causal_pad_args
 from .group_norm_silu.reference import group_norm_silu_ref
 from .rms_norm_silu.reference import rms_norm_silu_ref
 from .to_uint8_frames.reference import to_uint8_frames_ref
@@ -153,6 +153,29 @@ def causal_pad3d(
 ) -> torch.Tensor:
     """Padded input of a causal 3D conv in one write: ``cat([cache | x[:, :, :1] * pad_t | zeros, x],
     dim=2)`` then symmetric spatial zero padding; differentiable in ``x`` and ``cache``."""
+    if _graph_capture():
+        # The reference writes into a zero buffer; exporters turn slice writes into ScatterND with
+        # every index spelled out as a constant (megabytes per conv). cat + pad exports as is.
+        return _causal_pad3d_functional(x, pad_t, pad_h, pad_w, cache, time_mode)
     if _use_triton(x):
         return _triton_impl("causal_pad3d").causal_pad3d(x, pad_t, pad_h, pad_w, cache, time_mode)
     return causal_pad3d_ref(x, pad_t, pad_h, pad_w, cache, time_mode)
+
+
+def _graph_capture() -> bool:
+    """Whether an exporter (TorchScript tracing for ONNX, or ``torch.export``) is capturing a graph."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def _causal_pad3d_functional(x, pad_t, pad_h, pad_w, cache, time_mode) -> torch.Tensor:
+    """Same values as :func:`causal_pad3d_ref`, built from ``cat`` and ``pad`` only."""
+    check_causal_pad_args(x, pad_t, pad_h, pad_w, cache, time_mode)
+    if pad_t > 0:
+        if cache is not None:
+            head = cache.to(x.dtype)
+        elif time_mode == "replicate":
+            head = x[:, :, :1].expand(-1, -1, pad_t, -1, -1)
+        else:
+            head = torch.zeros_like(x[:, :, :1]).expand(-1, -1, pad_t, -1, -1)
+        x = torch.cat([head, x], dim=2)
+    return torch.nn.functional.pad(x, (pad_w, pad_w, pad_h, pad_h))

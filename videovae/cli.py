@@ -43,6 +43,8 @@ from videovae.latents import (
     save_latents,
 )
 from videovae.models import PRESETS, from_preset
+from videovae.models.turbo_vaed import TEACHERS as TURBO_TEACHERS
+from videovae.models.turbo_vaed import teacher_parameter_ratio
 from videovae.shipped import DEFAULT_MODEL, SHIPPED, resolve_weights, shipped_name_of
 from videovae.tokens import TOKEN_FORMAT, TokenFileError, TokenMeta, load_tokens, save_tokens, token_stats
 from videovae.tokens import check_model_matches as check_tokens_match
@@ -358,11 +360,17 @@ def cmd_encode(args) -> None:
 
 def cmd_decode(args) -> None:
     _check_output_parent(args.output)
+    if (args.runtime is None) != (args.exported is None):
+        raise CLIError("--runtime and --exported go together (the exported decoder and the runtime to run it)")
     if _file_format(args.input) == TOKEN_FORMAT:
+        if args.runtime is not None:
+            raise CLIError("--runtime decodes latent files; token files decode with the PyTorch model")
         tensors, meta = load_tokens(args.input)
         model = _load_model(args, _shipped_or_error(args, meta.extra, "tokens"))
         check_tokens_match(meta, model, model_digest(model), args.input)
         n = _detokenize_to_writer(args, model, tensors, meta, args.output)
+    elif args.runtime is not None:
+        n, meta = _decode_exported(args)
     else:
         latent, meta = load_latents(args.input)
         model = _load_model(args, _shipped_or_error(args, meta.extra, "latents"))
@@ -370,6 +378,39 @@ def cmd_decode(args) -> None:
         n = _decode_to_writer(args, model, latent, meta, args.output)
     if not args.quiet:
         print(f"wrote {args.output}: {n} frames {meta.geometry.width}x{meta.geometry.height} @ {meta.fps:g} fps")
+
+
+def _decode_exported(args) -> tuple[int, LatentMeta]:
+    """``decode --runtime R --exported F``: stream the latent file through the exported decoder
+    (its own chunk length; the engine flags do not apply)."""
+    from videovae.deploy.runtime import decode_latents_to_frames, open_decoder
+
+    try:
+        decoder = open_decoder(args.exported, args.runtime)
+    except ImportError as err:
+        raise CLIError(str(err)) from None
+    if args.weights is not None:
+        path, _ = resolve_weights(args.weights)
+        digest = read_metadata(path).get("weights_sha256")
+        if digest != decoder.spec.weights_sha256:
+            raise CLIError(f"{args.exported} was exported from other weights than {args.weights}")
+    latent, meta = load_latents(args.input)
+    frames = decode_latents_to_frames(latent, meta, decoder, args.input)
+    return _write_frames(args, frames, meta.geometry.frames, meta.fps, args.output), meta
+
+
+def cmd_export(args) -> None:
+    from videovae.deploy.export import export_decoder, graph_paths
+
+    _check_output_parent(args.output)
+    model = _load_model(args)
+    spec = export_decoder(model, args.output, format=args.format, chunk_latents=args.chunk_latents,
+                          height=args.height, width=args.width, dtype=args.export_dtype)
+    if not args.quiet:
+        step, first, sidecar = graph_paths(args.output)
+        print(f"wrote {step} (step: {spec.chunk_latents} latents -> {spec.chunk_latents * spec.time_factor} frames), "
+              f"{first} (first chunk: {1 + spec.chunk_latents} latents), {sidecar}; {spec.family} "
+              f"{spec.width}x{spec.height} {spec.dtype}, {len(spec.state)} state tensors")
 
 
 def _shipped_or_error(args, extra: dict, what: str) -> str | None:
@@ -544,6 +585,8 @@ def cmd_models(args) -> None:
         if getattr(cfg, "discrete", False):
             notes.append(f"{cfg.fsq_groups} FSQ token(s) of {math.prod(cfg.fsq_levels)} codes per position"
                          + (", first-frame tokens at 2x" if cfg.first_frame_boost else ""))
+        if name in TURBO_TEACHERS:
+            notes.append(f"decoder-only, {teacher_parameter_ratio(name):.1%} of {TURBO_TEACHERS[name]}'s decoder")
         if name in SHIPPED:
             notes.append("shipped weights (default model)" if name == DEFAULT_MODEL else "shipped weights")
         comp = f"{cfg.time_factor}x{cfg.space_factor}x{cfg.space_factor}"
@@ -622,8 +665,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the encoder's checkpoint or shipped model name (default: the shipped model named in the "
                         "latent file)")
     p.add_argument("--crf", type=int, default=18)
+    p.add_argument("--runtime", default=None, choices=("onnx", "torch-export"),
+                   help="decode with an exported decoder (see `videovae export`) in this runtime; needs --exported")
+    p.add_argument("--exported", default=None, metavar="FILE",
+                   help="the exported decoder (the -o of `videovae export`; its .first graph and .json sidecar "
+                        "lie beside it)")
     _add_engine_flags(p, frames=False)
     p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("export", help="export a decoder for streaming runtimes (ONNX, torch.export): a first-chunk "
+                                       "and a step graph with the causal state as explicit tensors")
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    p.add_argument("--format", required=True, choices=("onnx", "torch-export"))
+    p.add_argument("--chunk-latents", type=int, default=4, metavar="K",
+                   help="latent frames per step (the first chunk takes 1 + K)")
+    p.add_argument("--height", type=int, required=True, help="frame height in pixels (multiple of the space factor)")
+    p.add_argument("--width", type=int, required=True, help="frame width in pixels")
+    p.add_argument("--export-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the exported graphs")
+    p.add_argument("-o", "--output", required=True,
+                   help="step graph (e.g. out.onnx); the first-chunk graph (out.first.onnx) and the JSON sidecar "
+                        "(out.onnx.json) are written beside it")
+    p.add_argument("--quiet", action="store_true")
+    # weights load in fp32 on the CPU; --export-dtype casts a copy
+    p.set_defaults(func=cmd_export, device="cpu", dtype="float32")
 
     p = sub.add_parser("roundtrip", help="encode and decode a video, with metrics and a preview")
     p.add_argument("input")

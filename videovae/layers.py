@@ -144,7 +144,8 @@ class CausalConv3d(CausalModule):
     Time padding: ``k_t - 1`` frames in front, either copies of the first frame (``replicate``,
     OD-VAE/CV-VAE encoders) or zeros (``zeros``, Wan/OneVAE). Spatial padding is zeros: symmetric
     ``k // 2`` by default, or explicit ``(left, right, top, bottom)`` (e.g. ``(0, 1, 0, 1)`` before
-    a stride-2 downsampler). The weight lives in ``self.conv`` so state-dict keys read
+    a stride-2 downsampler). ``groups=in_channels`` makes it depthwise (Turbo-VAED's separable
+    convs). The weight lives in ``self.conv`` so state-dict keys read
     ``<name>.conv.weight`` as in the official checkpoints.
 
     With stride ``s_t`` the output has ``(T - 1) // s_t + 1`` frames for ``k_t = 3``; in streaming mode
@@ -162,6 +163,7 @@ class CausalConv3d(CausalModule):
         time_pad: TimePad = "replicate",
         spatial_pad: tuple[int, int, int, int] | None = None,
         bias: bool = True,
+        groups: int = 1,
     ):
         super().__init__()
         if time_pad not in TIME_PADS:
@@ -172,7 +174,7 @@ class CausalConv3d(CausalModule):
         self.stride_t = _triple(stride)[0]
         # (left, right, top, bottom) zero padding of H and W
         self.spatial_pad = (kw // 2, kw // 2, kh // 2, kh // 2) if spatial_pad is None else tuple(spatial_pad)
-        self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride, padding=0, bias=bias)
+        self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride, padding=0, bias=bias, groups=groups)
 
     def _pad(self, x: Tensor, tail: Tensor | None) -> Tensor:
         """Time padding (cached tail, or first-frame copies / zeros at clip start) and spatial zeros."""

@@ -20,6 +20,8 @@ from videovae.models.odvae import ODVAE, ODVAEConfig
 from videovae.models.odvae import PRESETS as ODVAE_PRESETS
 from videovae.models.onevae import PRESETS as ONEVAE_PRESETS
 from videovae.models.onevae import OneVAE, OneVAEConfig
+from videovae.models.turbo_vaed import PRESETS as TURBO_VAED_PRESETS
+from videovae.models.turbo_vaed import TurboVAED, TurboVAEDConfig
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ FAMILIES: dict[str, Family] = {
     "od-vae": Family("od-vae", ODVAEConfig, ODVAE),
     "cv-vae": Family("cv-vae", CVVAEConfig, CVVAE),
     "onevae": Family("onevae", OneVAEConfig, OneVAE),
+    "turbo-vaed": Family("turbo-vaed", TurboVAEDConfig, TurboVAED),
 }
 
 # preset name -> (family name, config)
@@ -41,6 +44,7 @@ PRESETS: dict[str, tuple[str, Any]] = {name: ("causal-vae", cfg) for name, cfg i
 PRESETS.update({name: ("od-vae", cfg) for name, cfg in ODVAE_PRESETS.items()})
 PRESETS.update({name: ("cv-vae", cfg) for name, cfg in CVVAE_PRESETS.items()})
 PRESETS.update({name: ("onevae", cfg) for name, cfg in ONEVAE_PRESETS.items()})
+PRESETS.update({name: ("turbo-vaed", cfg) for name, cfg in TURBO_VAED_PRESETS.items()})
 
 
 def family_of(name: str) -> Family:
@@ -74,6 +78,8 @@ __all__ = [
     "OneVAE",
     "OneVAEConfig",
     "PRESETS",
+    "TurboVAED",
+    "TurboVAEDConfig",
     "CVVAEConfig",
     "CausalVAE",
     "CausalVAEConfig",
