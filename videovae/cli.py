@@ -214,6 +214,11 @@ def _tokenize_file(args, model, path: str) -> tuple[dict[str, torch.Tensor], Tok
     shipped = shipped_name_of(digest)
     if shipped is not None:
         extra["shipped_model"] = shipped
+    source_bytes = os.path.getsize(path)
+    if info.num_frames and result.geometry.frames < info.num_frames:
+        # only the first frames were encoded (--max-frames): their share of the file, for a fair bpp
+        source_bytes = round(source_bytes * result.geometry.frames / info.num_frames)
+        extra["source_bytes_prorated_from"] = {"bytes": os.path.getsize(path), "frames": info.num_frames}
     meta = TokenMeta(
         family=model.family,
         config=model.config.to_dict(),
@@ -227,7 +232,7 @@ def _tokenize_file(args, model, path: str) -> tuple[dict[str, torch.Tensor], Tok
         fps=info.fps,
         geometry=result.geometry,
         source=os.path.basename(path),
-        source_bytes=os.path.getsize(path),
+        source_bytes=source_bytes,
         extra=extra,
     )
     return tensors, meta
