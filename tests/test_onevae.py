@@ -636,6 +636,29 @@ def test_cli_token_errors(token_cli, capsys, tmp_path):
     assert not list(tmp_path.glob("[sfc].safetensors"))
 
 
+def test_cli_tokens_of_the_first_frames_prorate_the_source_size(token_cli, tmp_path):
+    """With --max-frames the input file's bits per pixel count only the encoded frames' share."""
+    import os
+
+    from videovae.synthetic import write_synthetic_video
+    from videovae.tokens import load_tokens
+
+    mp4 = tmp_path / "clip.mp4"  # MP4 states its frame count; FFV1 in MKV does not
+    write_synthetic_video(mp4, 10, 36, 44, seed=4, fps=12)
+    for clip, prorated in ((mp4, True), (token_cli["clip"], False)):
+        out = tmp_path / "five.safetensors"
+        assert main(["encode", str(clip), "-o", str(out), "--weights", str(token_cli[False]), "--discrete",
+                     "--max-frames", "5", "--quiet"]) == 0
+        _, meta = load_tokens(out)
+        size = os.path.getsize(clip)
+        assert meta.geometry.frames == 5
+        if prorated:
+            assert meta.source_bytes == round(size * 5 / 10)
+            assert meta.extra["source_bytes_prorated_from"] == {"bytes": size, "frames": 10}
+        else:
+            assert meta.source_bytes is None  # unknown rather than the whole file's size over 5 frames
+
+
 def test_cli_roundtrip_discrete(token_cli, tmp_path):
     metrics = tmp_path / "m.json"
     tokens = tmp_path / "t.safetensors"

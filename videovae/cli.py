@@ -214,11 +214,13 @@ def _tokenize_file(args, model, path: str) -> tuple[dict[str, torch.Tensor], Tok
     shipped = shipped_name_of(digest)
     if shipped is not None:
         extra["shipped_model"] = shipped
-    source_bytes = os.path.getsize(path)
+    source_bytes: int | None = os.path.getsize(path)
     if info.num_frames and result.geometry.frames < info.num_frames:
         # only the first frames were encoded (--max-frames): their share of the file, for a fair bpp
         source_bytes = round(source_bytes * result.geometry.frames / info.num_frames)
         extra["source_bytes_prorated_from"] = {"bytes": os.path.getsize(path), "frames": info.num_frames}
+    elif info.num_frames is None and args.max_frames is not None and result.geometry.frames >= args.max_frames:
+        source_bytes = None  # a truncated read of a file whose frame count the container does not state
     meta = TokenMeta(
         family=model.family,
         config=model.config.to_dict(),
