@@ -355,22 +355,30 @@ def test_inflated_model_reproduces_the_image_vae_on_one_frame(image_vae, tmp_pat
         assert (load_checkpoint(out).encode(x).mean[:, :, 0] - mean).abs().max() < 1e-3  # eps 1e-5 vs 1e-6
 
 
-def test_compatibility_loss_decreases_in_a_short_run(image_vae):
+def test_compatibility_loss_gradient_points_downhill(image_vae):
     torch.manual_seed(0)
     model = from_preset("cv-vae-tiny").train()
     compat = CompatibilityLoss(ImageVAE(image_vae.state_dict()), weight=1.0)
     compat.check_model(model)
     x = _video(5, 16, 16, seed=4)
-    opt = torch.optim.Adam(model.encoder.parameters(), lr=1e-2)
-    torch.manual_seed(1)
-    losses = []
-    for _ in range(8):
-        loss = compat(model, x, model.encode(x))["compat"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert sum(losses[-3:]) < 0.95 * sum(losses[:3]), losses
+    params = list(model.encoder.parameters())
+
+    def loss_now() -> torch.Tensor:
+        torch.manual_seed(1)  # the same random frame of each group every time: one fixed objective
+        return compat(model, x, model.encode(x))["compat"]
+
+    # a short step down the gradient lowers the loss by about step * |grad| (first order): the term
+    # is differentiable in the encoder and its gradient points downhill, whatever the thread count
+    loss = loss_now()
+    grads = torch.autograd.grad(loss, params)
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    step = 1e-5
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p -= step * g / norm
+    with torch.no_grad():
+        drop = float(loss.detach() - loss_now())
+    assert drop > 0.5 * step * float(norm), (float(loss), drop, float(norm))
     assert all(p.grad is None for p in compat.parameters())  # the image VAE stays frozen
     assert 0 < compat.compatibility_psnr(model.eval(), x) < 100
     with pytest.raises(ValueError, match="does not fit"):
