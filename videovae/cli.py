@@ -155,24 +155,37 @@ def _frame_progress(args, desc: str, total: int | None):
     return tqdm(total=total, desc=desc, unit="frame", disable=args.quiet, leave=False)
 
 
-def _encode_file(args, model, path: str, sample: bool, seed: int | None):
-    """Stream ``path`` through the encoder; returns (latent, LatentMeta)."""
+def _stream_file(args, model, path: str, run):
+    """Read ``path`` chunk by chunk (with a progress bar) into ``run(model, frame_chunks, opts)``
+    (``encode_frames`` or ``tokenize_frames``); returns (its result, the VideoInfo, the options)."""
     info = probe(path)
     opts = _engine_options(args, model, info.height, info.width)
     total = info.num_frames if args.max_frames is None or info.num_frames is None else min(
         info.num_frames, args.max_frames)
     with VideoReader(path, max_frames=args.max_frames) as reader, _frame_progress(args, "read", total) as bar:
-        result = encode_frames(model, _counted(reader.iter_chunks(READ_CHUNK), bar), opts)
+        result = run(model, _counted(reader.iter_chunks(READ_CHUNK), bar), opts)
+    return result, info, opts
+
+
+def _file_record(opts: EngineOptions, model, digest: str) -> dict:
+    """The ``extra`` metadata of a latent or token file: how it was made, and the shipped model."""
+    extra = _tiling_record(opts, model)
+    shipped = shipped_name_of(digest)
+    if shipped is not None:
+        extra["shipped_model"] = shipped
+    return extra
+
+
+def _encode_file(args, model, path: str, sample: bool, seed: int | None):
+    """Stream ``path`` through the encoder; returns (latent, LatentMeta)."""
+    result, info, opts = _stream_file(args, model, path, encode_frames)
     if sample:
         generator = torch.Generator().manual_seed(seed if seed is not None else 0)
         latent = result.sample(generator)
     else:
         latent = result.mean
     digest = model_digest(model)
-    extra = _tiling_record(opts, model)
-    shipped = shipped_name_of(digest)
-    if shipped is not None:
-        extra["shipped_model"] = shipped
+    extra = _file_record(opts, model, digest)
     meta = LatentMeta(
         family=model.family,
         config=model.config.to_dict(),
@@ -199,21 +212,13 @@ def _require_quantiser(args, model) -> None:
 def _tokenize_file(args, model, path: str) -> tuple[dict[str, torch.Tensor], TokenMeta]:
     """Stream ``path`` through the encoder and the quantiser; returns (token tensors, TokenMeta)."""
     _require_quantiser(args, model)
-    info = probe(path)
-    opts = _engine_options(args, model, info.height, info.width)
-    total = info.num_frames if args.max_frames is None or info.num_frames is None else min(
-        info.num_frames, args.max_frames)
-    with VideoReader(path, max_frames=args.max_frames) as reader, _frame_progress(args, "read", total) as bar:
-        result = tokenize_frames(model, _counted(reader.iter_chunks(READ_CHUNK), bar), opts)
+    result, info, opts = _stream_file(args, model, path, tokenize_frames)
     tensors = {"tokens": result.tokens.rest}
     if result.tokens.first is not None:
         tensors["first_tokens"] = result.tokens.first
     q = model.quantizer
     digest = model_digest(model)
-    extra = _tiling_record(opts, model)
-    shipped = shipped_name_of(digest)
-    if shipped is not None:
-        extra["shipped_model"] = shipped
+    extra = _file_record(opts, model, digest)
     source_bytes: int | None = os.path.getsize(path)
     if info.num_frames and result.geometry.frames < info.num_frames:
         # only the first frames were encoded (--max-frames): their share of the file, for a fair bpp
