@@ -19,7 +19,9 @@ Shapes are fixed at export time (chunk length, latent height and width). The sta
 names and shapes are recorded in a JSON sidecar next to the exported file (see :func:`export_decoder`).
 
 Any family with ``decode_chunk(z, cache)`` exports: ``turbo-vaed``, ``causal-vae``, ``od-vae``,
-``cv-vae``, ``onevae`` (its continuous path).
+``cv-vae``, ``onevae`` (its continuous path). A ``turbo-pair`` (``videovae distill``'s output)
+exports its turbo decoder; the sidecar then records the teacher checkpoint as ``latent_source``,
+so the runtime decodes the teacher's latent files and refuses others.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch import Tensor, nn
 from videovae.checkpoint import model_digest
 from videovae.fileutil import atomic_path
 from videovae.layers import CausalCache
+from videovae.models.turbo_vaed import TurboPair
 
 EXPORT_FORMAT = "videovae-export"
 EXPORT_VERSION = 1
@@ -79,6 +82,9 @@ class StreamSpec:
     out_channels: int
     state: tuple[StateTensor, ...]
     markers: tuple[str, ...]
+    # whose latent files this decoder takes (family, config, weights_sha256) when not the exported
+    # model's own: a turbo pair's teacher
+    latent_source: dict[str, Any] | None = None
 
     @property
     def height(self) -> int:
@@ -113,6 +119,7 @@ class StreamSpec:
         data = dict(data)
         data["state"] = tuple(StateTensor(s["key"], tuple(s["shape"])) for s in data["state"])
         data["markers"] = tuple(data["markers"])
+        data.setdefault("latent_source", None)
         return cls(**data)
 
 
@@ -146,7 +153,8 @@ class StepChunk(nn.Module):
         return (out, *(cache.frames[k] for k in self.keys))
 
 
-def stream_spec(model: nn.Module, chunk_latents: int, latent_height: int, latent_width: int) -> StreamSpec:
+def stream_spec(model: nn.Module, chunk_latents: int, latent_height: int, latent_width: int,
+                latent_source: dict[str, Any] | None = None) -> StreamSpec:
     """Discover the causal state by running the model once (a first chunk and one step) on zeros
     with a :class:`CausalCache`; the state must have the same keys and shapes after both."""
     if not hasattr(model, "decode_chunk"):
@@ -192,6 +200,7 @@ def stream_spec(model: nn.Module, chunk_latents: int, latent_height: int, latent
         out_channels=frames.shape[1],
         state=state,
         markers=markers,
+        latent_source=latent_source,
     )
 
 
@@ -303,11 +312,16 @@ def export_decoder(
     if not step_path.parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {step_path.parent}")
     digest = model_digest(model)  # of the weights as given, before any cast
+    latent_source = None
+    if isinstance(model, TurboPair):  # export the decoder; latents stay the teacher's
+        latent_source = asdict(model.latent_identity())
+        model = copy.deepcopy(model.student)
+        model._videovae_digest = digest
     if next(model.parameters()).dtype != DTYPES[dtype]:
         model = copy.deepcopy(model).to(DTYPES[dtype])  # never cast the caller's model
         model._videovae_digest = digest
     model.eval()
-    spec = stream_spec(model, chunk_latents, height // sf, width // sf)
+    spec = stream_spec(model, chunk_latents, height // sf, width // sf, latent_source)
     first_inputs, step_inputs = sample_inputs(spec, next(model.parameters()).device)
     first, step = FirstChunk(model, spec), StepChunk(model, spec)
     with torch.no_grad():

@@ -179,13 +179,17 @@ def open_decoder(path: str | os.PathLike, runtime: str) -> StreamingDecoder:
 
 
 def check_latent_file_matches(meta, spec: StreamSpec, path: str) -> None:
-    """A clear error unless the latent file's model (family, config, weights) is the exported one."""
+    """A clear error unless the latent file's model (family, config, weights) is the exported one
+    (or, for a turbo pair's decoder, the pair's teacher checkpoint)."""
     from videovae.latents import check_model_matches
     from videovae.models import build_model
 
+    family, config, digest = spec.family, spec.config, spec.weights_sha256
+    if spec.latent_source is not None:  # a turbo pair's decoder: the teacher's latents
+        family, config, digest = (spec.latent_source[k] for k in ("family", "config", "weights_sha256"))
     with torch.device("meta"):  # only the family and config are needed
-        model = build_model(spec.family, spec.config)
-    check_model_matches(meta, model, spec.weights_sha256, path)
+        model = build_model(family, config)
+    check_model_matches(meta, model, digest, path)
 
 
 def decode_latents_to_frames(

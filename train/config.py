@@ -104,6 +104,19 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class DistillConfig:
+    """``videovae distill``: a frozen teacher's latents decoded by a turbo student (train/distill.py)."""
+
+    teacher: str | None = None  # videovae checkpoint of the teacher (any VAE family; converted official weights too)
+    student: str = "turbo-tiny"  # a turbo-vaed preset with the teacher's latent geometry
+    # feature alignment: relative MSE of projected student features to teacher decoder features
+    align_weight: float = 0.1  # 0 = off (the teacher's decoder is then never run)
+    # "level=teacher_module" pairs (student level output, 0 = latent resolution; a module path in the
+    # teacher); empty = every level to the last teacher decoder block of the same frame count and size
+    align: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/vae"
     seed: int = 0
@@ -127,6 +140,7 @@ class TrainConfig:
     disc: DiscConfig = field(default_factory=DiscConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -325,6 +339,11 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("loss.compat_weight > 0 needs loss.image_vae (a local AutoencoderKL; nothing is downloaded)")
     elif lo.compat_weight > 0 and not os.path.exists(lo.image_vae):
         problems.append(f"loss.image_vae: image VAE not found: {lo.image_vae}")
+    if cfg.distill.align_weight < 0:
+        problems.append("distill.align_weight must be >= 0")
+    for pair in cfg.distill.align:
+        if pair.count("=") != 1 or not all(part.strip() for part in pair.split("=")):
+            problems.append(f"distill.align: {pair!r} is not level=teacher_module")
     if problems:
         raise ConfigError("invalid training config: " + "; ".join(problems))
 

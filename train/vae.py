@@ -133,12 +133,13 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.copy_(b)
 
 
-def preview_image(x: torch.Tensor, recon: torch.Tensor, count: int = 4) -> torch.Tensor:
-    """(3, T, H, W) original and reconstruction in [-1, 1] -> uint8 (rows*H, 2W, 3) original | recon."""
+def preview_image(x: torch.Tensor, *recons: torch.Tensor, count: int = 4) -> torch.Tensor:
+    """(3, T, H, W) original and reconstructions in [-1, 1] -> uint8 (rows*H, (1 + k) W, 3):
+    ``count`` frames as rows of original | recon_1 | ... | recon_k."""
     t = x.shape[1]
     idx = sorted({round(i * (t - 1) / max(1, count - 1)) for i in range(min(count, t))})
-    a, b = from_model_range(x[:, idx].float().cpu()), from_model_range(recon[:, idx].float().cpu())
-    return torch.cat([torch.cat([a[i], b[i]], dim=1) for i in range(len(idx))], dim=0)
+    columns = [from_model_range(v[:, idx].float().cpu()) for v in (x, *recons)]
+    return torch.cat([torch.cat([c[i] for c in columns], dim=1) for i in range(len(idx))], dim=0)
 
 
 # --- distributed set-up -----------------------------------------------------------------------------------
@@ -320,7 +321,8 @@ def check_layout(ckpt: Path, saved: dict, current: dict) -> None:
 
 def save_training_state(ckpt_dir: Path, step: int, engines: dict, ema, counters: dict, rank: int, keep: int,
                         layout: dict) -> str:
-    """Write a full resume checkpoint as ``ckpt_dir/step_N``; crash-safe: everything goes to
+    """Write a full resume checkpoint as ``ckpt_dir/step_N`` (one tag per engine, EMA and counters with
+    the first); crash-safe: everything goes to
     ``step_N.tmp`` first, rank 0 renames it once all ranks are done and only then rewrites ``latest``."""
     tag = f"step_{step:08d}"
     tmp = ckpt_dir / f"{tag}.tmp"
@@ -330,8 +332,8 @@ def save_training_state(ckpt_dir: Path, step: int, engines: dict, ema, counters:
         tmp.mkdir()
     _barrier()
     client = {"ema": ema.state_dict() if ema is not None else None, **counters}
-    engines["vae"].save_checkpoint(str(tmp), tag="vae", client_state=client, save_latest=False)
-    engines["disc"].save_checkpoint(str(tmp), tag="disc", client_state={}, save_latest=False)
+    for i, (name, engine) in enumerate(engines.items()):  # the first engine carries EMA and counters
+        engine.save_checkpoint(str(tmp), tag=name, client_state=client if i == 0 else {}, save_latest=False)
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     _barrier()
     if rank == 0:
@@ -350,15 +352,16 @@ def save_training_state(ckpt_dir: Path, step: int, engines: dict, ema, counters:
 
 
 def load_training_state(ckpt_dir: Path, tag: str, engines: dict, ema, rank: int, layout: dict) -> dict:
-    """Restore both engines (weights, optimizers, schedulers), EMA and this rank's RNG; returns counters."""
+    """Restore the engines (weights, optimizers, schedulers), EMA and this rank's RNG; returns counters."""
     saved = json.loads((ckpt_dir / tag / "state.json").read_text()).get("layout", {})
     check_layout(ckpt_dir / tag, saved, layout)
-    path, client = engines["vae"].load_checkpoint(str(ckpt_dir / tag), tag="vae")
-    if path is None:
-        raise ConfigError(f"{ckpt_dir / tag}: DeepSpeed could not load the VAE checkpoint")
-    path, _ = engines["disc"].load_checkpoint(str(ckpt_dir / tag), tag="disc")
-    if path is None:
-        raise ConfigError(f"{ckpt_dir / tag}: DeepSpeed could not load the discriminator checkpoint")
+    client: dict = {}
+    for i, (name, engine) in enumerate(engines.items()):
+        path, state = engine.load_checkpoint(str(ckpt_dir / tag), tag=name)
+        if path is None:
+            raise ConfigError(f"{ckpt_dir / tag}: could not load the {name} engine's checkpoint")
+        if i == 0:
+            client = state
     if ema is not None and client.get("ema") is not None:
         ema.load_state_dict(client["ema"])
     rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"

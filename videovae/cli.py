@@ -39,6 +39,7 @@ from videovae.latents import (
     LatentFileError,
     LatentMeta,
     check_model_matches,
+    latent_identity,
     load_latents,
     save_latents,
 )
@@ -186,10 +187,11 @@ def _encode_file(args, model, path: str, sample: bool, seed: int | None):
         latent = result.mean
     digest = model_digest(model)
     extra = _file_record(opts, model, digest)
+    source = latent_identity(model, digest)  # a turbo pair writes its teacher's latents
     meta = LatentMeta(
-        family=model.family,
-        config=model.config.to_dict(),
-        weights_sha256=digest,
+        family=source.family,
+        config=source.config,
+        weights_sha256=source.weights_sha256,
         scaling_factor=model.config.scaling_factor,
         shift_factor=model.config.shift_factor,
         fps=info.fps,
@@ -620,6 +622,19 @@ def cmd_train(args) -> None:
           f"exported {summary['export']}; resume checkpoint {summary['checkpoint']}")
 
 
+def cmd_distill(args) -> None:
+    from videovae.train.distill import run
+
+    summary = run(args)
+    val = summary["val"]
+    scores = ""
+    if val:
+        scores = (f"; held-out PSNR student {val['psnr']:.2f} dB, teacher {val['teacher_psnr']:.2f} dB, "
+                  f"student vs teacher {val['psnr_vs_teacher']:.2f} dB")
+    print(f"distilled to step {summary['step']} ({summary['samples_per_s']:.2f} samples/s){scores}; "
+          f"exported {summary['export']}; resume checkpoint {summary['checkpoint']}")
+
+
 # --- parser ---------------------------------------------------------------------------------------------
 
 
@@ -736,6 +751,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/latest")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=2e-4")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="distil a turbo decoder from a frozen teacher VAE "
+                                       "(multi-GPU: deepspeed -m videovae.train.distill)")
+    p.add_argument("--config", default=None, help="YAML config (e.g. train/configs/distill_tiny.yaml)")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (sets distill.teacher)")
+    p.add_argument("--student", default=None, help="turbo-vaed preset (sets distill.student), e.g. turbo-od-vae")
+    p.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/latest")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. distill.align_weight=0")
+    p.set_defaults(func=cmd_distill)
     return parser
 
 

@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 
 from videovae.engine import VideoGeometry
 from videovae.fileutil import atomic_path
+from videovae.models import family_of
+from videovae.models.turbo_vaed import LatentIdentity
 
 LATENT_FORMAT = "videovae-latents"
 LATENT_VERSION = 1
@@ -87,10 +89,18 @@ def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, LatentMeta]:
     return latent, meta
 
 
-def _with_defaults(config: dict[str, Any], model) -> dict[str, Any]:
+def latent_identity(model, digest: str) -> LatentIdentity:
+    """The (family, config, weights digest) that ``model`` records in the latent files it writes
+    and requires of those it decodes: its own (``digest`` is its weights digest), or, for a model
+    that encodes with another checkpoint's encoder (a turbo pair), that checkpoint's."""
+    own = getattr(model, "latent_identity", None)
+    return own() if own is not None else LatentIdentity(model.family, model.config.to_dict(), digest)
+
+
+def _with_defaults(config: dict[str, Any], config_class) -> dict[str, Any]:
     """A stored config completed with the defaults of fields added since it was written."""
     try:
-        return model.config_class.from_dict(config).to_dict()
+        return config_class.from_dict(config).to_dict()
     except (TypeError, ValueError):
         return config  # not this family's config: the comparison below names the difference
 
@@ -101,17 +111,19 @@ def check_model_matches(
     """A clear error when the latents were made by another architecture or other weights.
 
     ``meta`` is any record with ``family``, ``config`` and ``weights_sha256`` (a :class:`LatentMeta`,
-    or a :class:`videovae.tokens.TokenMeta`); ``what`` names the file's contents in the message and
-    ``error`` is the exception class raised, so token files share this check."""
-    stored = _with_defaults(meta.config, model)
-    if meta.family != model.family or stored != model.config.to_dict():
-        diff = sorted(
-            k for k in set(stored) | set(model.config.to_dict())
-            if stored.get(k) != model.config.to_dict().get(k)
-        )
+    or a :class:`videovae.tokens.TokenMeta`); it is compared with :func:`latent_identity` of the
+    model. ``what`` names the file's contents in the message and ``error`` is the exception class
+    raised, so token files share this check."""
+    expected = latent_identity(model, digest)
+    config_class = model.config_class if expected.family == model.family else family_of(expected.family).config_class
+    stored, wanted = _with_defaults(meta.config, config_class), _with_defaults(expected.config, config_class)
+    if meta.family != expected.family or stored != wanted:
+        diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         raise error(
-            f"{path}: {what} come from a different model ({meta.family}; differing config: {', '.join(diff) or '-'})"
+            f"{path}: {what} come from a different model ({meta.family}; the decoder expects {expected.family}; "
+            f"differing config: {', '.join(diff) or '-'})"
         )
+    digest = expected.weights_sha256
     if meta.weights_sha256 != digest:
         raise error(
             f"{path}: {what} were encoded with other weights "

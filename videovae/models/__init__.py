@@ -21,7 +21,7 @@ from videovae.models.odvae import PRESETS as ODVAE_PRESETS
 from videovae.models.onevae import PRESETS as ONEVAE_PRESETS
 from videovae.models.onevae import OneVAE, OneVAEConfig
 from videovae.models.turbo_vaed import PRESETS as TURBO_VAED_PRESETS
-from videovae.models.turbo_vaed import TurboVAED, TurboVAEDConfig
+from videovae.models.turbo_vaed import TurboPair, TurboPairConfig, TurboVAED, TurboVAEDConfig
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ FAMILIES: dict[str, Family] = {
     "cv-vae": Family("cv-vae", CVVAEConfig, CVVAE),
     "onevae": Family("onevae", OneVAEConfig, OneVAE),
     "turbo-vaed": Family("turbo-vaed", TurboVAEDConfig, TurboVAED),
+    "turbo-pair": Family("turbo-pair", TurboPairConfig, TurboPair),
 }
 
 # preset name -> (family name, config)
@@ -78,6 +79,8 @@ __all__ = [
     "OneVAE",
     "OneVAEConfig",
     "PRESETS",
+    "TurboPair",
+    "TurboPairConfig",
     "TurboVAED",
     "TurboVAEDConfig",
     "CVVAEConfig",

@@ -19,17 +19,20 @@ State-dict names: ``decoder.conv_in``, ``decoder.levels.{i}.block.{j}.{norm1,dw1
 ``decoder.levels.{i}.upsample.{dw,pw}``, ``decoder.norm_out``, ``decoder.conv_out``. Levels run in
 index order, from latent resolution up.
 
-The model only decodes: ``encode`` raises. Latents come from the teacher named in :data:`TEACHERS`
-(a later pairing of teacher encoder and turbo decoder provides the encode side).
+The model only decodes: ``encode`` raises. Latents come from the teacher named in :data:`TEACHERS`.
+:class:`TurboPair` (family ``turbo-pair``) pairs a teacher's encoder with a distilled turbo decoder:
+it encodes exactly as the teacher does, writes and accepts the teacher's latent files, and decodes
+them with the turbo decoder (what ``videovae distill`` exports).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -220,19 +223,29 @@ class TurboDecoder(nn.Module):
         # Dense conv_out at the narrowest width: cheap, and a depthwise conv cannot mix into RGB.
         self.conv_out = CausalConv3d(chans[-1], cfg.out_channels * cfg.patch_size**2, 3, time_pad="zeros")
 
-    def stem(self, z: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
-        """Latent-resolution part: conv_in and level 0's blocks -> (N, channels[0], T', h, w)."""
+    def stem(
+        self, z: Tensor, cache: CausalCache | None = None, features: list[Tensor] | None = None
+    ) -> tuple[Tensor, CausalCache | None]:
+        """Latent-resolution part: conv_in and level 0's blocks -> (N, channels[0], T', h, w).
+        ``features``: a list that receives level 0's output (for distillation)."""
         h, cache = self.conv_in(z, cache)
         for block in self.levels[0].block:
             h, cache = block(h, cache)
+        if features is not None:
+            features.append(h)
         return h, cache
 
-    def body(self, h: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
-        """Level 0's upsampler, the higher levels, norm_out, conv_out -> (N, 3, T, H, W)."""
+    def body(
+        self, h: Tensor, cache: CausalCache | None = None, features: list[Tensor] | None = None
+    ) -> tuple[Tensor, CausalCache | None]:
+        """Level 0's upsampler, the higher levels, norm_out, conv_out -> (N, 3, T, H, W).
+        ``features``: a list that receives each higher level's output after its blocks."""
         for i, level in enumerate(self.levels):
             if i > 0:
                 for block in level.block:
                     h, cache = block(h, cache)
+                if features is not None:
+                    features.append(h)
             if level.upsample is not None:
                 h, cache = level.upsample(h, cache)
         y, cache = self.conv_out(self.norm_out(h, silu=True), cache)
@@ -295,6 +308,15 @@ class TurboVAED(nn.Module):
         """Same as :meth:`decode` (the training/distillation pass)."""
         return self.decode(z)
 
+    def decode_with_features(self, z: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Whole-clip decode that also returns every level's output after its residual blocks
+        (before its upsampler): level i is (N, channels[i], T_i, h_i, w_i). For distillation."""
+        self.check_latents(z)
+        features: list[Tensor] = []
+        h, _ = self.decoder.stem(z, None, features)
+        y, _ = self.decoder.body(h, None, features)
+        return y, features
+
     # --- chunks ---------------------------------------------------------------------------------
     def decode_chunk(self, z: Tensor, cache: CausalCache | None) -> tuple[Tensor, CausalCache | None]:
         """One time chunk of latents -> frames; the cache carries state to the next chunk. The
@@ -354,6 +376,7 @@ class TurboVAED(nn.Module):
 # Turbo preset -> the teacher preset whose latents it decodes (and whose decoder it replaces).
 TEACHERS: dict[str, str] = {
     "turbo-tiny": "tiny",
+    "turbo-vv-s16": "vv-s16",
     "turbo-od-vae": "od-vae",
     "turbo-cv-vae": "cv-vae",
     "turbo-onevae": "wan2.1",
@@ -363,8 +386,6 @@ TEACHERS: dict[str, str] = {
 def teacher_parameter_ratio(preset: str) -> float:
     """Decoder parameters of turbo ``preset`` over those of its teacher's decoder (counted on the
     meta device: no memory, no weights)."""
-    import torch
-
     from videovae.models import from_preset  # the registry imports this module
 
     if preset not in TEACHERS:
@@ -383,14 +404,21 @@ PRESETS: dict[str, TurboVAEDConfig] = {
     "turbo-tiny": TurboVAEDConfig(
         latent_channels=4, channels=(32, 32, 24), blocks=(1, 1, 1), time_up=(2, 2), space_up=(2, 2), patch_size=2
     ),
+    # The shipped vv-s16 (4x8x8, z=16; decoder 72 / 48 / 24 wide, 2x2 patches): the same geometry
+    # with separable blocks.
+    "turbo-vv-s16": TurboVAEDConfig(
+        latent_channels=16, channels=(96, 64, 32), blocks=(2, 2, 1), time_up=(2, 2), space_up=(2, 2), patch_size=2
+    ),
     # OD-VAE (4x8x8, z=4; decoder 128 x [4, 4, 2, 1] wide, 3 blocks per level).
     "turbo-od-vae": TurboVAEDConfig(
         latent_channels=4, channels=(512, 512, 256, 128), blocks=(3, 3, 3, 3), time_up=(2, 2, 1), space_up=(2, 2, 2),
         scaling_factor=0.18215,
     ),
     # CV-VAE (4x8x8, z=4; SD-VAE-shaped decoder).
+    # Time is upsampled where the teacher does (after its first and its last up level), so that
+    # distillation aligns every level to a teacher block of the same shape.
     "turbo-cv-vae": TurboVAEDConfig(
-        latent_channels=4, channels=(512, 512, 256, 128), blocks=(3, 3, 3, 3), time_up=(2, 2, 1), space_up=(2, 2, 2),
+        latent_channels=4, channels=(512, 512, 256, 128), blocks=(3, 3, 3, 3), time_up=(2, 1, 2), space_up=(2, 2, 2),
         scaling_factor=0.18215,
     ),
     # Wan 2.1 / OneVAE continuous path (4x8x8, z=16; decoder 96 x [4, 4, 2, 1] wide). Latent
@@ -399,3 +427,210 @@ PRESETS: dict[str, TurboVAEDConfig] = {
         latent_channels=16, channels=(384, 384, 192, 96), blocks=(3, 3, 3, 3), time_up=(2, 2, 1), space_up=(2, 2, 2)
     ),
 }
+
+
+# --- a teacher's encoder + a turbo decoder ---------------------------------------------------------
+
+# Teacher family -> its decode-side submodules, dropped from a pair (the turbo decoder replaces
+# them; it decodes the raw latents the teacher's encoder writes). OneVAE's token head goes too: a
+# pair encodes and decodes continuous latents only.
+DECODE_SIDE: dict[str, tuple[str, ...]] = {
+    "causal-vae": ("decoder", "post_quant_conv"),
+    "od-vae": ("decoder", "post_quant_conv"),
+    "cv-vae": ("decoder",),
+    "onevae": ("decoder", "conv2", "post_quant_conv", "quant_conv", "quantizer"),
+}
+
+
+@dataclass(frozen=True)
+class LatentIdentity:
+    """Who wrote a latent file: the family, config and weights digest recorded in it and checked
+    before decoding."""
+
+    family: str
+    config: dict[str, Any]
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class TurboPairConfig:
+    """A :class:`TurboPair`: the teacher (family, config, and the digest of the teacher checkpoint
+    whose encoder the pair holds) and the turbo decoder's config. Stored in every checkpoint."""
+
+    teacher_family: str
+    teacher: dict[str, Any] = field(hash=False)
+    teacher_weights_sha256: str
+    decoder: TurboVAEDConfig
+
+    def __post_init__(self) -> None:
+        if self.teacher_family not in DECODE_SIDE:
+            raise ValueError(f"turbo-pair: teacher family {self.teacher_family!r} cannot be paired; "
+                             f"known: {', '.join(sorted(DECODE_SIDE))}")
+
+    @property
+    def teacher_config(self):
+        from videovae.models import family_of  # the registry imports this module
+
+        return family_of(self.teacher_family).config_class.from_dict(self.teacher)
+
+    # The pair encodes like its teacher; its decoder streams and tiles exactly in any case.
+    @property
+    def exactly_streamable(self) -> bool:
+        return self.teacher_config.exactly_streamable
+
+    @property
+    def halo_tiling_exact(self) -> bool:
+        return self.teacher_config.halo_tiling_exact
+
+    @property
+    def scaling_factor(self):
+        return self.teacher_config.scaling_factor
+
+    @property
+    def shift_factor(self):
+        return self.teacher_config.shift_factor
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"teacher_family": self.teacher_family, "teacher": self.teacher,
+                "teacher_weights_sha256": self.teacher_weights_sha256, "decoder": self.decoder.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TurboPairConfig:
+        known = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(data) - known), sorted(known - set(data))
+        if unknown or missing:
+            raise ValueError(f"TurboPairConfig: unknown fields {unknown or '-'}, missing fields {missing or '-'}")
+        return cls(data["teacher_family"], dict(data["teacher"]), data["teacher_weights_sha256"],
+                   TurboVAEDConfig.from_dict(data["decoder"]))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+class TurboPair(nn.Module):
+    """The teacher's encoder (``teacher``: the teacher model without its decode side) and a turbo
+    decoder (``student``). Encoding is the teacher's, bit for bit, so latent files of the teacher
+    and of the pair are interchangeable: both record the teacher as their source
+    (:meth:`latent_identity`), and the pair decodes only latents of that teacher checkpoint.
+
+    Layout: video NCTHW in [-1, 1] <-> latents (N, z, 1 + k, h, w), the teacher's geometry."""
+
+    family = "turbo-pair"
+    config_class = TurboPairConfig
+
+    def __init__(self, config: TurboPairConfig):
+        super().__init__()
+        from videovae.models import build_model  # the registry imports this module
+
+        self.config = config
+        teacher = build_model(config.teacher_family, config.teacher)
+        for name in DECODE_SIDE[config.teacher_family]:
+            setattr(teacher, name, None)
+        self.teacher = teacher
+        self.student = TurboVAED(config.decoder)
+        mine = (self.student.latent_channels, self.student.time_factor, self.student.space_factor)
+        theirs = (teacher.latent_channels, teacher.time_factor, teacher.space_factor)
+        if mine != theirs:
+            raise ValueError(f"turbo-pair: the decoder's (latent channels, time factor, space factor) {mine} "
+                             f"differ from the teacher's {theirs}")
+
+    @classmethod
+    def from_models(cls, teacher: nn.Module, student: TurboVAED, teacher_digest: str) -> TurboPair:
+        """Pair a teacher model (weights digest ``teacher_digest``) with a turbo decoder; weights are
+        copied (the arguments are left untouched)."""
+        pair = cls(TurboPairConfig(teacher.family, teacher.config.to_dict(), teacher_digest, student.config))
+        own = pair.teacher.state_dict()
+        pair.teacher.load_state_dict({k: v for k, v in teacher.state_dict().items() if k in own})
+        pair.student.load_state_dict(student.state_dict())
+        return pair.to(next(student.parameters()).device)
+
+    # --- geometry ------------------------------------------------------------------------------
+    @property
+    def time_factor(self) -> int:
+        return self.student.time_factor
+
+    @property
+    def space_factor(self) -> int:
+        return self.student.space_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.student.latent_channels
+
+    def latent_identity(self) -> LatentIdentity:
+        """The teacher checkpoint: recorded in the latent files the pair writes, required of those
+        it decodes."""
+        cfg = self.config
+        return LatentIdentity(cfg.teacher_family, cfg.teacher, cfg.teacher_weights_sha256)
+
+    # --- the teacher's encoder ---------------------------------------------------------------------
+    def encode(self, x: Tensor):
+        """x: NCTHW in [-1, 1] -> the teacher's posterior over latents."""
+        return self.teacher.encode(x)
+
+    def posterior(self, moments: Tensor):
+        return self.teacher.posterior(moments)
+
+    def encode_chunk(self, x: Tensor, cache: CausalCache | None) -> tuple[Tensor, CausalCache | None]:
+        return self.teacher.encode_chunk(x, cache)
+
+    def encode_body(self, x: Tensor, cache: CausalCache | None) -> tuple[Tensor, CausalCache | None]:
+        return self.teacher.encode_body(x, cache)
+
+    def encode_head(self, h: Tensor, cache: CausalCache | None) -> tuple[Tensor, CausalCache | None]:
+        return self.teacher.encode_head(h, cache)
+
+    def encoder_receptive_radius(self) -> float:
+        return self.teacher.encoder_receptive_radius()
+
+    def scale_latents(self, z: Tensor) -> Tensor:
+        return self.teacher.scale_latents(z)
+
+    def unscale_latents(self, z: Tensor) -> Tensor:
+        return self.teacher.unscale_latents(z)
+
+    # --- the turbo decoder -------------------------------------------------------------------------
+    def check_latents(self, z: Tensor) -> None:
+        self.student.check_latents(z)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Unscaled teacher latents (N, z, 1 + k, h, w) -> NCTHW, nominally in [-1, 1]."""
+        return self.student.decode(z)
+
+    def decode_chunk(self, z: Tensor, cache: CausalCache | None) -> tuple[Tensor, CausalCache | None]:
+        return self.student.decode_chunk(z, cache)
+
+    def decode_stem(self, z: Tensor, cache: CausalCache | None) -> tuple[Tensor, CausalCache | None]:
+        return self.student.decode_stem(z, cache)
+
+    def decode_body(self, h: Tensor, cache: CausalCache | None) -> tuple[Tensor, CausalCache | None]:
+        return self.student.decode_body(h, cache)
+
+    def decoder_receptive_radius(self) -> float:
+        return self.student.decoder_receptive_radius()
+
+    def forward(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None):
+        """Encode with the teacher, decode with the turbo decoder: (reconstruction, posterior)."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decode(z), posterior
+
+    # --- engine ------------------------------------------------------------------------------------
+    def encode_video(self, video: Tensor, **engine_options):
+        from videovae.engine import encode_tensor
+
+        return encode_tensor(self, video, **engine_options)
+
+    def decode_video(self, z: Tensor, geometry=None, **engine_options) -> Tensor:
+        from videovae.engine import decode_tensor
+
+        return decode_tensor(self, z, geometry, **engine_options)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            raise ValueError("turbo-pair is not trained as a whole (distil its decoder with `videovae distill`)")
+
+    def num_parameters(self) -> dict[str, int]:
+        enc = sum(p.numel() for p in self.teacher.parameters())
+        dec = sum(p.numel() for p in self.student.parameters())
+        return {"encoder": enc, "decoder": dec, "total": enc + dec}
