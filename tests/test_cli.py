@@ -108,6 +108,24 @@ def test_bench(work):
     assert len(rows) == 4 and all(r["fps"] > 0 and r["peak_bytes"] > 0 for r in rows)
 
 
+def test_bench_turbo_against_its_teacher(work):
+    out = run("bench", "--model", "turbo-tiny", "--frames", "9", "--size", "32", "--json", str(work / "t.json")).stdout
+    assert "student fps" in out and "teacher fps" in out and "speed-up" in out
+    data = json.loads((work / "t.json").read_text())
+    assert data["turbo"] and [r["direction"] for r in data["rows"]] == ["decode", "decode"]
+    from videovae.checkpoint import load_checkpoint, save_checkpoint
+    from videovae.models import from_preset
+    from videovae.models.turbo_vaed import TurboPair
+
+    teacher = load_checkpoint(work / "w.safetensors")
+    pair = TurboPair.from_models(teacher, from_preset("turbo-tiny"), teacher._videovae_digest)
+    save_checkpoint(work / "pair.safetensors", pair)
+    out = run("bench", "--weights", str(work / "pair.safetensors"), "--frames", "5", "--size", "32").stdout
+    assert "student fps" in out and "speed-up" in out
+    info = run("info", str(work / "pair.safetensors")).stdout
+    assert "turbo-pair" in info and teacher._videovae_digest[:12] in info
+
+
 def test_bad_inputs(work):
     w = str(work / "w.safetensors")
     fails("encode", str(work / "missing.mp4"), "-o", str(work / "x.safetensors"), "--weights", w, match="missing.mp4")

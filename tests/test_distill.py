@@ -262,3 +262,26 @@ def test_distilling_from_a_turbo_pair_is_refused(files, tmp_path):
     with pytest.raises(ConfigError, match="must be a VAE"):
         distill(load_config(CONFIG, _overrides(files, tmp_path / "run", "max_steps=1",
                                                f"distill.teacher={tmp_path / 'pair.safetensors'}")))
+
+
+def test_distillation_with_lpips_from_local_weights(files, tmp_path):
+    from safetensors.torch import save_file
+
+    from videovae.train.lpips import LPIPS
+
+    torch.manual_seed(0)
+    net = LPIPS()
+    for conv in net.lins:
+        conv.weight.data.uniform_(0, 0.1)
+    save_file({f"features.{k}": v for k, v in net.features.state_dict().items()}, tmp_path / "vgg.safetensors")
+    save_file({f"lin{i}.model.1.weight": c.weight.detach().clone() for i, c in enumerate(net.lins)},
+              tmp_path / "lin.safetensors")
+    run_dir = tmp_path / "run"
+    summary = distill(load_config(CONFIG, _overrides(
+        files, run_dir, "max_steps=2", "save_every=100", "val_every=100", "loss.lpips_weight=0.5",
+        f"loss.lpips_vgg={tmp_path / 'vgg.safetensors'}", f"loss.lpips_lin={tmp_path / 'lin.safetensors'}",
+        "distill.align_weight=0")))
+    records = _log(run_dir)
+    assert summary["align"] == [] and "align" not in records[0]
+    assert records[0]["lpips"] > 0
+    assert records[0]["total"] == pytest.approx(records[0]["recon"] + 0.5 * records[0]["lpips"], rel=1e-5)

@@ -78,3 +78,36 @@ def test_two_rank_zero2_train_resume_export(tmp_path):
 
     info = probe(tmp_path / "out.mp4")
     assert (info.width, info.height) == (32, 32)
+
+
+def test_two_rank_distillation_resumes_and_exports_a_pair(tmp_path):
+    from videovae.checkpoint import load_checkpoint, save_checkpoint
+    from videovae.models import from_preset
+
+    clip = tmp_path / "clip.mp4"
+    write_synthetic_video(clip, 9, 32, 32, seed=5)
+    teacher = tmp_path / "teacher.safetensors"
+    save_checkpoint(teacher, from_preset("tiny"))
+    run_dir = tmp_path / "run"
+    config = CONFIG.with_name("distill_tiny.yaml")
+    launcher = str(LAUNCHER) if LAUNCHER.is_file() else shutil.which("deepspeed")
+
+    def launch(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [launcher, "--num_gpus", "2", "--master_port", str(_port()), "--module", "videovae.train.distill",
+               "--config", str(config), "--teacher", str(teacher), f"data.paths=[{clip}]", f"run_dir={run_dir}",
+               "data.size=32", "data.num_frames=9", "data.num_workers=0", "batch_size=1", "max_steps=4",
+               "deepspeed.zero_stage=2", "val_clips=1", "val_every=100", "save_every=100", "log_every=1",
+               "progress=false", "engine=deepspeed", *extra]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    launch("run_steps=2")
+    shards = sorted((run_dir / "checkpoints" / "step_00000002" / "student").glob("zero_pp_rank_*_optim_states.pt"))
+    assert len(shards) == 2
+    launch("--resume")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 4 and summary["steps_this_run"] == 2
+    assert summary["val"]["teacher_psnr"] > 0
+    pair = load_checkpoint(run_dir / "turbo.safetensors")
+    assert pair.family == "turbo-pair" and pair.config.teacher_family == "causal-vae"

@@ -156,3 +156,27 @@ def test_checkpoint_roundtrip(model, tmp_path):
     assert loaded._videovae_digest == digest
     z = _latents(3)
     assert torch.equal(loaded.decode(z), model.decode(z))
+
+
+def test_shuffle_3d_equals_the_decoupled_form_and_stays_channels_last():
+    from videovae.models.turbo_vaed import shuffle_3d, shuffle_3d_decoupled
+
+    for st, s in ((2, 2), (1, 2), (2, 1), (1, 1), (4, 3)):
+        y = torch.randn(2, 3 * st * s * s, 3, 4, 5)
+        fast = shuffle_3d(y, st, s)
+        assert torch.equal(fast, shuffle_3d_decoupled(y, st, s))
+        assert fast.is_contiguous(memory_format=torch.channels_last_3d) or st * s == 1  # (a no-op view)
+        cl = y.contiguous(memory_format=torch.channels_last_3d)
+        assert torch.equal(shuffle_3d(cl, st, s), fast)
+
+
+def test_causal_pad_keeps_channels_last():
+    from videovae.kernels import causal_pad3d
+
+    x = torch.randn(1, 6, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    for cache in (None, torch.randn(1, 6, 2, 4, 5)):
+        for pad_h in (0, 1):
+            out = causal_pad3d(x, 2, pad_h, pad_h, cache=cache, time_mode="zeros")
+            assert out.is_contiguous(memory_format=torch.channels_last_3d)
+            ref = causal_pad3d(x.contiguous(), 2, pad_h, pad_h, cache=cache, time_mode="zeros")
+            assert ref.is_contiguous() and torch.equal(out, ref)

@@ -4,6 +4,11 @@ Each (length, direction) runs in a fresh worker process so that its peak memory 
 the process's peak resident set size on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 Frames come from :func:`videovae.synthetic.synthetic_frames` chunk by chunk and decoded frames
 are dropped as they come, so the figures show the engine's own footprint.
+
+A turbo decoder (a ``turbo-*`` preset, or a ``turbo-pair`` checkpoint from ``videovae distill``) is
+measured decoding side by side with its teacher's decoder, in the same run and with the same engine
+settings (the teacher is built from its preset or from the pair's stored teacher config with random
+weights: speed and memory do not depend on the weights).
 """
 
 from __future__ import annotations
@@ -42,10 +47,14 @@ def _worker(argv: list[str]) -> None:
     p.add_argument("--tile", type=int)
     p.add_argument("--device")
     p.add_argument("--dtype")
+    p.add_argument("--teacher", action="store_true", help="measure the teacher of the turbo model instead")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     torch.manual_seed(0)
-    model = load_checkpoint(a.weights, a.device, dtype) if a.weights else from_preset(a.model).to(a.device, dtype)
+    if a.teacher:
+        model = teacher_of(a.model, a.weights).to(a.device, dtype)
+    else:
+        model = load_checkpoint(a.weights, a.device, dtype) if a.weights else from_preset(a.model).to(a.device, dtype)
     model.eval()
     opts = EngineOptions(chunk_frames=a.chunk_frames, tile=a.tile, tiling=a.tiling, tile_norm=a.tile_norm,
                          device=a.device, dtype=dtype)
@@ -69,47 +78,93 @@ def _worker(argv: list[str]) -> None:
                       "peak_bytes": _peak_bytes(a.device), "baseline_bytes": baseline}))
 
 
+def teacher_of(preset: str | None, weights: str | None) -> torch.nn.Module:
+    """The teacher architecture of a turbo preset or of a turbo-pair checkpoint (random weights)."""
+    from videovae.checkpoint import read_metadata
+    from videovae.models import build_model, from_preset
+    from videovae.models.turbo_vaed import TEACHERS
+
+    if weights is not None:
+        meta = read_metadata(weights)
+        if meta["family"] != "turbo-pair":
+            raise ValueError(f"{weights}: a {meta['family']} checkpoint has no teacher (a turbo-pair has)")
+        return build_model(meta["config"]["teacher_family"], meta["config"]["teacher"])
+    if preset not in TEACHERS:
+        raise ValueError(f"{preset!r} is not a turbo preset; known: {', '.join(sorted(TEACHERS))}")
+    return from_preset(TEACHERS[preset])
+
+
+def is_turbo(preset: str | None, weights: str | None) -> bool:
+    """Whether the model decodes only (a turbo preset) or pairs a teacher (a turbo-pair checkpoint):
+    then decoding is measured against the teacher's decoder."""
+    from videovae.checkpoint import read_metadata
+    from videovae.models.turbo_vaed import TEACHERS
+
+    if weights is not None:
+        return read_metadata(weights)["family"] == "turbo-pair"
+    return preset in TEACHERS
+
+
+def _run_worker(args, direction: str, frames: int, model_args: list[str], chunk: int, tile: int) -> dict:
+    cmd = [sys.executable, "-m", "videovae.bench", "--direction", direction, "--frames", str(frames),
+           "--size", str(args.size), *model_args, "--chunk-frames", str(chunk), "--tile", str(tile),
+           "--tiling", args.tiling, "--tile-norm", args.tile_norm,
+           "--device", args.device, "--dtype", {"fp32": "float32", "bf16": "bfloat16",
+                                                "fp16": "float16"}.get(args.dtype, args.dtype)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"bench worker failed ({direction}, {frames} frames): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_bench(args) -> list[dict]:
-    """Run the workers for every requested length and print a table; returns the rows."""
+    """Run the workers for every requested length and print a table; returns the rows (for a turbo
+    model: decode rows, the student's and then the teacher's for each length)."""
     lengths = [int(v) for v in args.frames.split(",") if v.strip()]
     if not lengths or min(lengths) < 1:
         raise ValueError(f"--frames needs positive clip lengths, got {args.frames!r}")
     model_args = ["--weights", args.weights] if args.weights else ["--model", args.model or "tiny"]
     chunk = 16 if args.chunk_frames is None else args.chunk_frames
     tile = 0 if args.tile is None else args.tile
+    turbo = is_turbo(args.model, args.weights)
     rows = []
     for frames in lengths:
-        for direction in ("encode", "decode"):
-            cmd = [sys.executable, "-m", "videovae.bench", "--direction", direction, "--frames", str(frames),
-                   "--size", str(args.size), *model_args, "--chunk-frames", str(chunk), "--tile", str(tile),
-                   "--tiling", args.tiling, "--tile-norm", args.tile_norm,
-                   "--device", args.device, "--dtype", {"fp32": "float32", "bf16": "bfloat16",
-                                                        "fp16": "float16"}.get(args.dtype, args.dtype)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"bench worker failed ({direction}, {frames} frames): {done.stderr.strip()[-2000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if turbo:
+            rows.append(_run_worker(args, "decode", frames, model_args, chunk, tile))
+            rows.append(_run_worker(args, "decode", frames, [*model_args, "--teacher"], chunk, tile))
+        else:
+            for direction in ("encode", "decode"):
+                rows.append(_run_worker(args, direction, frames, model_args, chunk, tile))
     name = args.weights or args.model or "tiny"
     print(f"videovae bench: {name}, {args.size}x{args.size}, chunk {chunk} frames, tile {tile or 'off'} "
           f"({args.tiling} tiling, {args.tile_norm} norm statistics), "
           f"{args.device} {args.dtype}")
-    print(f"{'frames':>7} {'encode fps':>11} {'encode peak MiB':>16} {'decode fps':>11} {'decode peak MiB':>16}")
-    for i, frames in enumerate(lengths):
-        enc, dec = rows[2 * i], rows[2 * i + 1]
-        print(f"{frames:>7} {enc['fps']:>11.2f} {enc['peak_bytes'] / 2**20:>16.0f} {dec['fps']:>11.2f} "
-              f"{dec['peak_bytes'] / 2**20:>16.0f}")
+    if turbo:
+        print("decoding only: the turbo decoder against its teacher's decoder (same settings, same run)")
+    labels = ("student", "teacher") if turbo else ("encode", "decode")
+    _print_table(lengths, rows, labels, speedup=turbo)
     if len(lengths) > 1:
-        first, last = rows[1]["peak_bytes"], rows[-1]["peak_bytes"]
-        print(f"decode peak at {lengths[-1]} frames / at {lengths[0]} frames: {last / first:.3f}")
-        first, last = rows[0]["peak_bytes"], rows[-2]["peak_bytes"]
-        print(f"encode peak at {lengths[-1]} frames / at {lengths[0]} frames: {last / first:.3f}")
+        for offset, label in enumerate(labels):
+            first, last = rows[offset]["peak_bytes"], rows[len(rows) - 2 + offset]["peak_bytes"]
+            print(f"{label} peak at {lengths[-1]} frames / at {lengths[0]} frames: {last / first:.3f}")
     if args.json:
         from videovae.fileutil import atomic_path
 
         with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps({"size": args.size, "chunk_frames": chunk, "tile": tile, "rows": rows},
-                                      indent=2))
+            tmp.write_text(json.dumps({"size": args.size, "chunk_frames": chunk, "tile": tile, "turbo": turbo,
+                                       "rows": rows}, indent=2))
     return rows
+
+
+def _print_table(lengths: list[int], rows: list[dict], labels: tuple[str, str], speedup: bool) -> None:
+    a, b = labels
+    header = f"{'frames':>7} {a + ' fps':>12} {a + ' peak MiB':>17} {b + ' fps':>12} {b + ' peak MiB':>17}"
+    print(header + (f" {'speed-up':>9}" if speedup else ""))
+    for i, frames in enumerate(lengths):
+        x, y = rows[2 * i], rows[2 * i + 1]
+        line = (f"{frames:>7} {x['fps']:>12.2f} {x['peak_bytes'] / 2**20:>17.0f} {y['fps']:>12.2f} "
+                f"{y['peak_bytes'] / 2**20:>17.0f}")
+        print(line + (f" {x['fps'] / y['fps']:>8.1f}x" if speedup else ""))
 
 
 if __name__ == "__main__":

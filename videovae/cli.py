@@ -555,6 +555,10 @@ def cmd_info(args) -> None:
               f"decoder {params['decoder']:,}")
         print(f"  exactly streamable: {model.config.exactly_streamable}, "
               f"halo tiling exact: {model.config.halo_tiling_exact}")
+        if model.family == "turbo-pair":
+            cfg = model.config
+            print(f"  turbo pair: the encoder of a {cfg.teacher_family} teacher (weights sha256 "
+                  f"{cfg.teacher_weights_sha256[:12]}) and a turbo decoder; decodes that teacher's latent files")
         print("  config: " + json.dumps(meta["config"], sort_keys=True))
         return
     info = probe(path)
