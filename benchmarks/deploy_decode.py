@@ -12,7 +12,7 @@ default) at ``--size`` pixels, and reports:
 Usage::
 
     python benchmarks/deploy_decode.py [--size 256] [--latents 5] [--chunk-latents 4] [--threads 2]
-        [--presets turbo-tiny,tiny] [--reps 3] [--precision] [--json OUT]
+        [--presets turbo-tiny,tiny] [--runtimes onnx,torch-export] [--reps 3] [--precision] [--json OUT]
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def bench_preset(name: str, args, root: Path) -> list[dict]:
     if args.precision:
         combos += [("onnx", "float16"), ("torch-export", "float16"), ("torch-export", "bfloat16"),
                    ("onnx", "bfloat16")]
+    runtimes = args.runtimes.split(",")
+    combos = [(fmt, dtype) for fmt, dtype in combos if fmt in runtimes]
     for fmt, dtype in combos:
         path = root / f"{name}-{dtype}.{'onnx' if fmt == 'onnx' else 'pt2'}"
         row = {"preset": name, "runtime": fmt, "dtype": dtype}
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--precision", action="store_true", help="also export fp16/bf16 and measure their error")
+    parser.add_argument("--runtimes", default="onnx,torch-export", help="comma-separated: onnx, torch-export")
     parser.add_argument("--time-all", action="store_true", help="also time the fp16/bf16 runs")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

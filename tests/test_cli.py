@@ -122,6 +122,8 @@ def test_bench_turbo_against_its_teacher(work):
     save_checkpoint(work / "pair.safetensors", pair)
     out = run("bench", "--weights", str(work / "pair.safetensors"), "--frames", "5", "--size", "32").stdout
     assert "student fps" in out and "speed-up" in out
+    out = run("bench", "--model", "turbo-tiny", "--frames", "5,9", "--size", "32", "--no-teacher").stdout
+    assert "student peak at 9 frames" in out and "teacher" not in out
     info = run("info", str(work / "pair.safetensors")).stdout
     assert "turbo-pair" in info and teacher._videovae_digest[:12] in info
 

@@ -127,11 +127,13 @@ def run_bench(args) -> list[dict]:
     chunk = 16 if args.chunk_frames is None else args.chunk_frames
     tile = 0 if args.tile is None else args.tile
     turbo = is_turbo(args.model, args.weights)
+    with_teacher = turbo and not getattr(args, "no_teacher", False)
     rows = []
     for frames in lengths:
         if turbo:
             rows.append(_run_worker(args, "decode", frames, model_args, chunk, tile))
-            rows.append(_run_worker(args, "decode", frames, [*model_args, "--teacher"], chunk, tile))
+            if with_teacher:
+                rows.append(_run_worker(args, "decode", frames, [*model_args, "--teacher"], chunk, tile))
         else:
             for direction in ("encode", "decode"):
                 rows.append(_run_worker(args, direction, frames, model_args, chunk, tile))
@@ -139,32 +141,37 @@ def run_bench(args) -> list[dict]:
     print(f"videovae bench: {name}, {args.size}x{args.size}, chunk {chunk} frames, tile {tile or 'off'} "
           f"({args.tiling} tiling, {args.tile_norm} norm statistics), "
           f"{args.device} {args.dtype}")
-    if turbo:
+    if with_teacher:
         print("decoding only: the turbo decoder against its teacher's decoder (same settings, same run)")
-    labels = ("student", "teacher") if turbo else ("encode", "decode")
-    _print_table(lengths, rows, labels, speedup=turbo)
+        labels = ("student", "teacher")
+    elif turbo:
+        print("decoding only: the turbo decoder")
+        labels = ("student",)
+    else:
+        labels = ("encode", "decode")
+    _print_table(lengths, rows, labels, speedup=with_teacher)
     if len(lengths) > 1:
         for offset, label in enumerate(labels):
-            first, last = rows[offset]["peak_bytes"], rows[len(rows) - 2 + offset]["peak_bytes"]
+            first, last = rows[offset]["peak_bytes"], rows[len(rows) - len(labels) + offset]["peak_bytes"]
             print(f"{label} peak at {lengths[-1]} frames / at {lengths[0]} frames: {last / first:.3f}")
     if args.json:
         from videovae.fileutil import atomic_path
 
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps({"size": args.size, "chunk_frames": chunk, "tile": tile, "turbo": turbo,
-                                       "rows": rows}, indent=2))
+                                       "labels": list(labels), "rows": rows}, indent=2))
     return rows
 
 
-def _print_table(lengths: list[int], rows: list[dict], labels: tuple[str, str], speedup: bool) -> None:
-    a, b = labels
-    header = f"{'frames':>7} {a + ' fps':>12} {a + ' peak MiB':>17} {b + ' fps':>12} {b + ' peak MiB':>17}"
+def _print_table(lengths: list[int], rows: list[dict], labels: tuple[str, ...], speedup: bool) -> None:
+    """One line per length: fps and peak MiB of each label's row (rows are grouped per length)."""
+    header = f"{'frames':>7}" + "".join(f" {label + ' fps':>12} {label + ' peak MiB':>17}" for label in labels)
     print(header + (f" {'speed-up':>9}" if speedup else ""))
+    k = len(labels)
     for i, frames in enumerate(lengths):
-        x, y = rows[2 * i], rows[2 * i + 1]
-        line = (f"{frames:>7} {x['fps']:>12.2f} {x['peak_bytes'] / 2**20:>17.0f} {y['fps']:>12.2f} "
-                f"{y['peak_bytes'] / 2**20:>17.0f}")
-        print(line + (f" {x['fps'] / y['fps']:>8.1f}x" if speedup else ""))
+        group = rows[k * i : k * (i + 1)]
+        line = f"{frames:>7}" + "".join(f" {r['fps']:>12.2f} {r['peak_bytes'] / 2**20:>17.0f}" for r in group)
+        print(line + (f" {group[0]['fps'] / group[1]['fps']:>8.1f}x" if speedup else ""))
 
 
 if __name__ == "__main__":

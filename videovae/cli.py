@@ -747,6 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", default="17,65,257", help="comma-separated clip lengths")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--json", default=None, help="also write the results as JSON")
+    p.add_argument("--no-teacher", action="store_true",
+                   help="turbo models: measure the turbo decoder alone (by default its teacher's decoder too)")
     _add_engine_flags(p, frames=False)
     p.set_defaults(func=cmd_bench)
 
