@@ -164,3 +164,14 @@ def test_spatial_attention_matches_explicit_softmax():
     torch.testing.assert_close(y, x + attn.proj_out(out)[0], atol=1e-5, rtol=1e-5)
     # per frame: frame 0 does not see frame 1
     torch.testing.assert_close(attn(x[:, :, :1])[0], y[:, :, :1], atol=1e-6, rtol=0)
+
+
+def test_cpu_attention_in_query_blocks_equals_whole(monkeypatch):
+    """Long sequences on the CPU are attended in query blocks (bounded score memory), same result."""
+    import videovae.layers as layers
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 700, 16, generator=gen) for _ in range(3))
+    whole = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+    monkeypatch.setattr(layers, "CPU_ATTENTION_SCORE_BYTES", 2 * 700 * 4 * 64)  # 64 query rows per block
+    torch.testing.assert_close(layers.single_head_attention(q, k, v), whole, rtol=0, atol=1e-6)
