@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.videovae-installed
 
-.PHONY: setup test demo demo-train lint clean
+.PHONY: setup test demo demo-train lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ demo: $(STAMP)
 
 demo-train: $(STAMP)
 	$(PY) -m videovae.train.demo
+
+# On a GPU machine (needs only torch, Triton, einops, safetensors, numpy, pytest; no install):
+# kernel tests on CUDA, kernel benchmark, end-to-end od-vae table -> gpu_check/gpu_check.{md,json}
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out gpu_check
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,218 @@
+"""The prepared GPU check (``make gpu-check``): one run, one GPU, a few minutes, markdown + JSON out.
+
+1. the kernel tests on CUDA (``pytest tests/kernels``: compiled Triton against the references, with
+   the tolerance policy of ``videovae.kernels.tolerance``);
+2. the kernel benchmark (``benchmarks/kernels.py``: Triton vs eager vs ``torch.compile``);
+3. the end-to-end table of ``od-vae`` and ``od-vae-stream`` (random weights, bf16): encode and
+   decode time and peak ``torch.cuda.max_memory_allocated`` at 17x256x256 and 33x512x512, whole
+   clip, one latent frame per chunk, 16-frame chunks, and 16-frame chunks with 256 px tiles; for
+   each decode also its PSNR against the whole-clip decode (exact streaming gives 100 dB).
+
+Needs only torch, Triton, einops, safetensors, numpy and pytest: no PyAV, no DeepSpeed, nothing
+downloaded, and no installation (run from the repository root; the ``videovae`` package, with
+``kernels/``, ``train/`` and ``deploy/`` mapped into it as the install does, is put on the path).
+
+Usage::
+
+    python benchmarks/gpu_check.py [--out gpu_check] [--skip-tests] [--skip-kernel-bench]
+    python benchmarks/gpu_check.py --smoke      # CPU, tiny model and sizes: the code paths only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAPPED = {"kernels": "kernels", "train": "train", "deploy": "deploy"}  # videovae.<name> -> folder
+
+
+def make_shim(root: Path = ROOT) -> Path:
+    """A folder holding ``videovae/``: links to ``videovae/*`` plus the mapped folders (``kernels``,
+    ``train``, ``deploy``), as ``pyproject.toml``'s package-dir installs them."""
+    shim = Path(tempfile.mkdtemp(prefix="videovae-shim-")) / "videovae"
+    shim.mkdir()
+    for entry in (root / "videovae").iterdir():
+        (shim / entry.name).symlink_to(entry)
+    for name, folder in MAPPED.items():
+        (shim / name).symlink_to(root / folder)
+    return shim.parent
+
+
+def package_path() -> str:
+    """A folder from which ``import videovae`` works without installing ("" when it already does)."""
+    try:
+        import videovae.kernels  # noqa: F401
+
+        return ""
+    except ImportError:
+        pass
+    folder = str(make_shim())
+    sys.path.insert(0, folder)
+    return folder
+
+
+def run_kernel_tests(env: dict, timeout: int) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-p", "no:cacheprovider"]
+    start = time.time()
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "summary": f"timed out after {timeout} s", "seconds": timeout}
+    lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
+    failed = [line for line in lines if line.startswith("FAILED") or line.startswith("ERROR")]
+    return {"ok": done.returncode == 0, "summary": lines[-1] if lines else done.stderr[-500:], "failed": failed,
+            "seconds": time.time() - start}
+
+
+def run_kernel_benchmark(env: dict, out: Path, timeout: int) -> dict:
+    cmd = [sys.executable, "benchmarks/kernels.py", "--json", str(out / "kernels.json")]
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "text": f"timed out after {timeout} s"}
+    return {"ok": done.returncode == 0, "text": done.stdout[-20000:] + done.stderr[-3000:]}
+
+
+def _psnr(a, b) -> float:
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return 100.0 if mse == 0 else min(100.0, 10 * math.log10(4.0 / mse))
+
+
+def _measure(fn, cuda: bool):
+    """(result, seconds, peak bytes above the allocation at the start; 0 off CUDA)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return out, seconds, (torch.cuda.max_memory_allocated() - base) if cuda else 0
+
+
+def _model_rows(name: str, sizes: list[tuple[int, int]], device: str, dtype) -> list[dict]:
+    import torch
+
+    from videovae.engine import decode_tensor, encode_tensor
+    from videovae.models import from_preset
+
+    torch.manual_seed(0)
+    model = from_preset(name).eval().to(device, dtype)
+    tf, cuda = model.time_factor, device.startswith("cuda")
+    modes = {"whole": {"chunk_frames": 0}, "1 latent/chunk": {"chunk_frames": tf},
+             "16-frame chunks": {"chunk_frames": 16},
+             "16-frame chunks, 256 px tiles": {"chunk_frames": 16, "tile": 256}}
+    rows = []
+    for frames, size in sizes:
+        video = torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(frames * size)) * 2 - 1
+        reference = None
+        with torch.no_grad():
+            for mode, options in modes.items():
+                opts = {**options, "device": device, "dtype": dtype}
+                encode_tensor(model, video[:, :, : 1 + tf], **opts)  # warm-up (cuDNN autotune, allocator)
+                enc, enc_s, enc_peak = _measure(lambda o=opts, v=video: encode_tensor(model, v, **o), cuda)
+                dec, dec_s, dec_peak = _measure(lambda o=opts, e=enc: decode_tensor(model, e.mean, **o), cuda)
+                reference = dec if reference is None else reference
+                rows.append({"model": name, "frames": frames, "size": size, "mode": mode,
+                             "dtype": str(dtype).removeprefix("torch."), "encode_s": enc_s,
+                             "encode_peak_gib": enc_peak / 2**30, "decode_s": dec_s,
+                             "decode_peak_gib": dec_peak / 2**30, "decode_psnr_vs_whole": _psnr(dec, reference)})
+                print(f"  {name} {frames}x{size}^2 {mode}: encode {enc_s:.3f} s, decode {dec_s:.3f} s "
+                      f"(peak {dec_peak / 2**30:.2f} GiB)", flush=True)
+    return rows
+
+
+def e2e_rows(models: list[str], sizes: list[tuple[int, int]], device: str, dtype_name: str) -> list[dict]:
+    """Encode/decode time and peak memory through the engine, per model, size and mode."""
+    import torch
+
+    rows = []
+    for name in models:
+        rows += _model_rows(name, sizes, device, getattr(torch, dtype_name))
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# videovae GPU check — {report['device']}", "",
+             f"torch {report['torch']}, Triton {report['triton']}, {report['when']}", ""]
+    tests = report.get("kernel_tests")
+    if tests:
+        lines += ["## Kernel tests (CUDA)", "", f"{'passed' if tests['ok'] else 'FAILED'}: {tests['summary']}", ""]
+        lines += [f"- {f}" for f in tests.get("failed", [])] + ([""] if tests.get("failed") else [])
+    bench = report.get("kernel_benchmark")
+    if bench:
+        lines += ["## Kernel benchmark", "", "```", bench["text"].strip(), "```", ""]
+    lines += ["## End to end (random weights)", "",
+              "| model | clip | mode | encode s | encode peak GiB | decode s | decode peak GiB "
+              "| decode PSNR vs whole |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["e2e"]:
+        lines.append(f"| {r['model']} | {r['frames']}x{r['size']}x{r['size']} {r['dtype']} | {r['mode']} | "
+                     f"{r['encode_s']:.3f} | {r['encode_peak_gib']:.2f} | {r['decode_s']:.3f} | "
+                     f"{r['decode_peak_gib']:.2f} | {r['decode_psnr_vs_whole']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("gpu_check"))
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes (code paths only)")
+    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--skip-kernel-bench", action="store_true")
+    p.add_argument("--timeout", type=int, default=240, help="seconds for the tests and for the kernel benchmark")
+    args = p.parse_args(argv)
+    shim = package_path()
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --smoke for a CPU run of the code paths)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [shim, os.environ.get("PYTHONPATH", "")]))}
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    device = "cpu" if args.smoke else "cuda"
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)", "torch": torch.__version__,
+              "triton": triton_version, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if not args.skip_tests:
+        print("kernel tests ...", flush=True)
+        report["kernel_tests"] = run_kernel_tests(env, args.timeout)
+    if not args.skip_kernel_bench and not args.smoke:
+        print("kernel benchmark ...", flush=True)
+        report["kernel_benchmark"] = run_kernel_benchmark(env, args.out, args.timeout)
+    print("end to end ...", flush=True)
+    if args.smoke:
+        report["e2e"] = e2e_rows(["tiny"], [(9, 32)], "cpu", "float32")
+    else:
+        report["e2e"] = e2e_rows(["od-vae-stream", "od-vae"], [(17, 256), (33, 512)], "cuda", "bfloat16")
+    from videovae.fileutil import atomic_path
+
+    with atomic_path(args.out / "gpu_check.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    with atomic_path(args.out / "gpu_check.md") as tmp:
+        tmp.write_text(markdown(report))
+    print(markdown(report))
+    failed = report.get("kernel_tests", {}).get("ok") is False
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

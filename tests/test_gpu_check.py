@@ -1,0 +1,33 @@
+"""The prepared GPU check runs its code paths on the CPU (``--smoke``) and works uninstalled."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_writes_the_report(tmp_path):
+    gpu_check = _module()
+    assert gpu_check.main(["--smoke", "--skip-tests", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    modes = {r["mode"] for r in report["e2e"]}
+    assert modes == {"whole", "1 latent/chunk", "16-frame chunks", "16-frame chunks, 256 px tiles"}
+    assert all(r["decode_psnr_vs_whole"] == 100.0 for r in report["e2e"])  # tiny streams exactly
+    assert "| tiny |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_shim_maps_the_folders_as_the_install_does():
+    shim = _module().make_shim() / "videovae"
+    assert (shim / "kernels" / "tolerance.py").resolve() == ROOT / "kernels" / "tolerance.py"
+    assert (shim / "train" / "distill.py").resolve() == ROOT / "train" / "distill.py"
+    assert (shim / "models" / "turbo_vaed.py").resolve() == ROOT / "videovae" / "models" / "turbo_vaed.py"
