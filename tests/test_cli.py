@@ -180,3 +180,49 @@ def test_shared_sample_clip(work, shared_data):
     metrics = json.loads((work / "world.json").read_text())
     assert metrics["frames"] == 9
     assert probe(work / "world.mp4").width == 480
+
+
+def _peak_rss(*args: str) -> tuple[int, subprocess.CompletedProcess]:
+    """Peak resident set size (bytes) of one `videovae` run, measured in a fresh wrapper process."""
+    wrapper = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+               "sys.stderr.write(done.stderr); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(done.returncode)")
+    done = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    return int(done.stdout.strip().splitlines()[-1]), done
+
+
+def test_max_memory_holds_on_a_720p_clip(work):
+    """--max-memory bounds the peak RSS (budget + the interpreter's own footprint), and a budget that
+    cannot hold the clip is refused up front with the --max-memory that would."""
+    clip, lat, out = work / "c720.mp4", work / "c720.safetensors", work / "c720_out.mp4"
+    write_synthetic_video(clip, 5, 720, 1280, seed=6)
+    w = str(work / "w.safetensors")
+    baseline, _ = _peak_rss(sys.executable, "-c", "import videovae.cli, torch")
+    refused = fails("encode", str(clip), "-o", str(lat), "--weights", w, "--max-memory", "1G",
+                    match="does not fit a memory budget of 1024 MiB")
+    assert "--max-memory" in refused and not lat.exists()
+    budget = 3 * 2**30
+    peak, done = _peak_rss(VIDEOVAE, "encode", str(clip), "-o", str(lat), "--weights", w, "--max-memory", "3G",
+                           "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert peak <= budget + baseline, f"encode peak {peak / 2**30:.2f} GiB"
+    peak, done = _peak_rss(VIDEOVAE, "decode", str(lat), "-o", str(out), "--weights", w, "--max-memory", "3G",
+                           "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert peak <= budget + baseline, f"decode peak {peak / 2**30:.2f} GiB"
+    assert probe(out).num_frames == 5
+
+
+def test_a_run_that_cannot_fit_the_available_memory_is_refused_before_it_starts(work, monkeypatch):
+    import videovae.cli as cli
+
+    monkeypatch.setattr(cli, "available_memory_bytes", lambda device: 2**30)
+    out = work / "never.safetensors"
+    assert cli.main(["encode", str(work / "clip.mp4"), "-o", str(out), "--weights", str(work / "w.safetensors"),
+                     "--quiet"]) == 0  # 56x40 fits easily
+    clip = work / "c720b.mp4"
+    write_synthetic_video(clip, 5, 720, 1280, seed=7)
+    assert cli.main(["encode", str(clip), "-o", str(out.with_name("big.safetensors")), "--weights",
+                     str(work / "w.safetensors"), "--quiet"]) == 1
+    assert not out.with_name("big.safetensors").exists()

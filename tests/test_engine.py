@@ -185,11 +185,20 @@ def test_memory_budget_planning(tiny):
     with pytest.raises(ValueError, match="memory size"):
         parse_size("lots")
     big = plan_for_budget(tiny, 1080, 1920, 16 * 2**30, torch.float32)
-    small = plan_for_budget(tiny, 1080, 1920, 600 * 2**20, torch.float32)
+    small = plan_for_budget(tiny, 1080, 1920, 6 * 2**30, torch.float32)
     assert big[1] == 0 or big[1] > small[1]
-    assert small[1] > 0  # 1080p does not fit 600 MiB untiled
-    with pytest.raises(MemoryBudgetError, match="does not fit a memory budget"):
+    assert small[1] > 0  # 1080p does not fit 6 GiB untiled
+    with pytest.raises(MemoryBudgetError, match=r"does not fit a memory budget.*--max-memory \d"):
         plan_for_budget(tiny, 1080, 1920, 2**20, torch.float32)
+
+
+def test_cache_bytes_per_pixel_counts_the_causal_state(tiny):
+    from videovae.engine import cache_bytes_per_pixel
+
+    per_pixel = cache_bytes_per_pixel(tiny, torch.float32)
+    # at least the decoder's full-resolution convs: 2 cached frames x 16 channels x 4 bytes each
+    assert per_pixel > 2 * 16 * 4
+    assert cache_bytes_per_pixel(tiny, torch.bfloat16) == pytest.approx(per_pixel / 2)
 
 
 def test_decode_frames_crops_padding(tiny):

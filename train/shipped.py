@@ -105,15 +105,25 @@ def prepare_data(out: Path) -> dict:
 
 
 def export_shipped(src: Path, name: str = "vv-s16") -> dict:
-    """Write the (EMA) weights of a run's ``vae.safetensors`` into the package as fp16, atomically;
-    returns the checkpoint's ``extra`` metadata. The config must be the preset's."""
+    """Write the (EMA) weights of a run's ``vae.safetensors`` (or, for a turbo model, a distillation's
+    ``turbo.safetensors`` pair) into the package as fp16, atomically; returns the checkpoint's
+    ``extra`` metadata. The config must be the preset's; a pair must have been distilled from the
+    shipped weights of its teacher."""
     from videovae.checkpoint import load_checkpoint, read_metadata, save_checkpoint
     from videovae.models import PRESETS
-    from videovae.shipped import SHIPPED, WEIGHTS_DIR
+    from videovae.models.turbo_vaed import TEACHERS
+    from videovae.shipped import SHIPPED, WEIGHTS_DIR, shipped_path
 
+    if name not in SHIPPED:
+        raise ValueError(f"{name!r} is not a shipped model; shipped: {', '.join(sorted(SHIPPED))}")
     model = load_checkpoint(src)
-    if model.config != PRESETS[name][1]:
+    pair = model.family == "turbo-pair"
+    if (model.config.decoder if pair else model.config) != PRESETS[name][1]:
         raise ValueError(f"{src}: its config is not the {name} preset's")
+    if pair:
+        teacher_digest = read_metadata(shipped_path(TEACHERS[name]))["weights_sha256"]
+        if model.config.teacher_weights_sha256 != teacher_digest:
+            raise ValueError(f"{src}: distilled from other weights than the shipped {TEACHERS[name]}")
     trained = read_metadata(src).get("extra", {})
     extra = {"shipped_model": name, "trained_steps": trained.get("trained_steps"),
              "recipe": "python -m videovae.train.shipped (see videovae/weights/MODEL_CARD.md)"}
@@ -183,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("data", help="write the training clips")
     d.add_argument("--out", type=Path, required=True)
-    e = sub.add_parser("export", help="a run's vae.safetensors -> fp16 weights in the package")
+    e = sub.add_parser("export", help="a run's vae.safetensors (or turbo.safetensors) -> fp16 weights in the package")
     e.add_argument("src", type=Path)
+    e.add_argument("--name", default="vv-s16", help="the shipped model (vv-s16, or its turbo pair turbo-vv-s16)")
     v = sub.add_parser("evaluate", help="PSNR/SSIM on held-out and training clips, CPU speed")
     v.add_argument("--weights", default=None, help="checkpoint (default: the shipped weights)")
     v.add_argument("--frames", type=int, default=33)
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = prepare_data(args.out)
         print(json.dumps({k: len(v) for k, v in manifest.items()}))
     elif args.command == "export":
-        print(json.dumps(export_shipped(args.src)))
+        print(json.dumps(export_shipped(args.src, args.name)))
     else:
         result = evaluate(args.weights, args.frames)
         text = json.dumps(result, indent=2)

@@ -25,9 +25,11 @@ from videovae.engine import (
     TILINGS,
     EngineOptions,
     MemoryBudgetError,
+    available_memory_bytes,
     decode_frames,
     detokenize_frames,
     encode_frames,
+    estimate_peak_bytes,
     parse_size,
     plan_for_budget,
     tokenize_frames,
@@ -111,6 +113,8 @@ def _engine_options(args, model, height: int, width: int) -> EngineOptions:
         auto_chunk, auto_tile = plan_for_budget(model, height, width, budget, dtype)
         chunk = auto_chunk if chunk is None else chunk
         tile = auto_tile if tile is None else tile
+    else:
+        _check_fits_memory(args, model, height, width, dtype)
     return EngineOptions(
         chunk_frames=DEFAULT_CHUNK_FRAMES if chunk is None else chunk,
         tile=0 if tile is None else tile,
@@ -120,6 +124,25 @@ def _engine_options(args, model, height: int, width: int) -> EngineOptions:
         progress=not args.quiet,
         tiling=getattr(args, "tiling", "halo"),
     )
+
+
+def _check_fits_memory(args, model, height: int, width: int, dtype: torch.dtype) -> None:
+    """Without ``--max-memory``: refuse, before starting, a run whose planned peak exceeds the memory
+    available (instead of being killed half-way), naming the ``--max-memory`` that would fit."""
+    chunk = DEFAULT_CHUNK_FRAMES if args.chunk_frames is None else args.chunk_frames
+    tile = args.tile or 0
+    th, tw = (height, width) if tile == 0 else (min(tile, height), min(tile, width))
+    if chunk == 0 or not hasattr(model.config, "channel_mult"):
+        return  # whole clip: its length is not known here; no memory model for this family
+    available = available_memory_bytes(args.device)
+    if available is None:
+        return
+    need = estimate_peak_bytes(model, chunk, th, tw, dtype, height, width)
+    if need > available:
+        tiles = f" and {tile} px tiles" if tile else ""
+        raise CLIError(f"{width}x{height} frames in chunks of {chunk} frames{tiles} need about {need / 2**30:.1f} GiB, "
+                       f"but {available / 2**30:.1f} GiB are available: pass --max-memory "
+                       f"{max(0.5, available * 0.8 / 2**30):.1f}G to plan chunks and tiles that fit")
 
 
 def _tiling_record(opts: EngineOptions, model) -> dict:
@@ -606,7 +629,9 @@ def cmd_models(args) -> None:
         if name in TURBO_TEACHERS:
             notes.append(f"decoder-only, {teacher_parameter_ratio(name):.1%} of {TURBO_TEACHERS[name]}'s decoder")
         if name in SHIPPED:
-            notes.append("shipped weights (default model)" if name == DEFAULT_MODEL else "shipped weights")
+            notes.append("shipped weights (default model)" if name == DEFAULT_MODEL else
+                         f"shipped weights, paired with {TURBO_TEACHERS[name]}'s encoder" if name in TURBO_TEACHERS
+                         else "shipped weights")
         comp = f"{cfg.time_factor}x{cfg.space_factor}x{cfg.space_factor}"
         print(f"{name:<20} {family:<12} {comp:<12} {cfg.latent_channels:>3} {params['encoder']:>12,} "
               f"{params['decoder']:>12,}  {', '.join(notes)}")

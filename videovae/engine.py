@@ -600,15 +600,28 @@ def parse_size(text: str) -> int:
 
 # Working tensors per conv block (input, normalised copy, padded copy, conv output, residual sum).
 _LIVE_TENSORS = 5
+# Measured peak over the estimate below, per family: on the CPU in fp32, the largest ratio of peak
+# RSS growth to the unscaled estimate over whole-frame and tiled, encode and decode runs of each
+# family's small presets at 360x640, plus 10% (``python benchmarks/calibrate_memory.py``). Causal
+# caches of every conv, GroupNorm copies and the blend canvas are what the plain count misses.
+MEMORY_FACTORS = {"causal-vae": 4.5, "cv-vae": 3.4, "onevae": 7.5}
+# Families not measured (od-vae) take the largest factor.
+_FALLBACK_MEMORY_FACTOR = max(MEMORY_FACTORS.values())
+# Frames a caller holds besides the chunk (the CLI reads 16-frame uint8 chunks and converts them).
+IO_FRAMES = 16
 
 
 def estimate_peak_bytes(
     model, chunk_frames: int, tile_h: int, tile_w: int, dtype: torch.dtype, frame_h: int, frame_w: int
 ) -> int:
-    """Rough peak memory of encoding or decoding one chunk of ``1 + chunk_frames`` video frames:
-    the tiled part on a ``tile_h`` x ``tile_w`` tile, the untiled latent-resolution part (mid blocks
-    with attention) on the whole ``frame_h`` x ``frame_w`` frame, the output canvas and the weights."""
+    """Peak memory of encoding or decoding one chunk of ``1 + chunk_frames`` video frames: the tiled
+    part on a ``tile_h`` x ``tile_w`` tile, the untiled latent-resolution part (mid blocks with
+    attention) on the whole ``frame_h`` x ``frame_w`` frame and the output canvas, scaled by the
+    family's measured :data:`MEMORY_FACTORS`, plus the weights and the caller's frame buffers."""
     cfg = model.config
+    if not hasattr(cfg, "channel_mult"):
+        raise MemoryBudgetError(f"--max-memory has no memory model for {model.family} models yet; choose "
+                                "--chunk-frames and --tile instead")
     item = torch.empty((), dtype=dtype).element_size()
     frames = 1 + chunk_frames
     levels = len(cfg.channel_mult)
@@ -625,7 +638,56 @@ def estimate_peak_bytes(
     untiled = _LIVE_TENSORS * cfg.base_channels * cfg.channel_mult[-1] * t * latent_pixels * item
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     canvas = 3 * frames * frame_h * frame_w * 4 * 2  # float32 canvas of the whole frame + its uint8/normalised copy
-    return max(peak, untiled) + weights + canvas
+    io = IO_FRAMES * frame_h * frame_w * 3 * 5  # uint8 frames and their float32 copy
+    factor = MEMORY_FACTORS.get(model.family, _FALLBACK_MEMORY_FACTOR)
+    # every tile's causal state lives at once, halos included
+    sf = model.space_factor
+    radius = max(model.encoder_receptive_radius(), model.decoder_receptive_radius())
+    halo = (math.ceil(radius) + max(1, min(tile_h, tile_w) // sf // 16)) * sf
+    overlap = 1.0
+    if (tile_h, tile_w) != (frame_h, frame_w):
+        overlap = min(tile_h + 2 * halo, frame_h) * min(tile_w + 2 * halo, frame_w) / (tile_h * tile_w)
+    caches = cache_bytes_per_pixel(model, dtype) * frame_h * frame_w * overlap
+    return int(factor * (max(peak, untiled) + canvas) + caches) + weights + io
+
+
+@torch.no_grad()
+def cache_bytes_per_pixel(model, dtype: torch.dtype) -> float:
+    """Bytes of causal state (:class:`CausalCache`) per video pixel that encoding or decoding (the
+    larger) carries from one chunk to the next, measured by running two small chunks. All tiles'
+    caches live at once, so this part of the peak does not shrink with the tile size."""
+    param = next(model.parameters())
+    tf, sf = model.time_factor, model.space_factor
+    size = 8 * sf
+    scale = torch.empty((), dtype=dtype).element_size() / param.element_size()  # run in the model's dtype
+    dtype = param.dtype
+    video = torch.zeros(1, 3, 1 + tf, size, size, device=param.device, dtype=dtype)
+    cache = CausalCache()
+    for chunk in (video, video[:, :, :tf]):
+        features, cache = model.encode_body(chunk, cache)
+        _, cache = model.encode_head(features, cache)
+    encode = cache.nbytes()
+    latent = torch.zeros(1, model.latent_channels, 2, 8, 8, device=param.device, dtype=dtype)
+    cache = CausalCache()
+    for chunk in (latent, latent[:, :, :1]):
+        features, cache = model.decode_stem(chunk, cache)
+        _, cache = model.decode_body(features, cache)
+    return max(encode, cache.nbytes()) * scale / (size * size)
+
+
+def available_memory_bytes(device: str) -> int | None:
+    """Memory free for this process: ``MemAvailable`` of ``/proc/meminfo`` on the CPU (None where
+    there is no such file), the free device memory on CUDA."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def plan_for_budget(model, height: int, width: int, budget: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -634,16 +696,19 @@ def plan_for_budget(model, height: int, width: int, budget: int, dtype: torch.dt
     tf, sf = model.time_factor, model.space_factor
     tiles = [0] + [t for t in (1024, 768, 512, 384, 256, 192, 128, 96, 64) if t % sf == 0 and t < max(height, width)]
     chunks = [c * tf for c in (8, 4, 2, 1)]
+    need = None
     for tile in tiles:
         th, tw = (height, width) if tile == 0 else (min(tile, height), min(tile, width))
         th, tw = th + (-th % sf), tw + (-tw % sf)
         for chunk in chunks:
-            if estimate_peak_bytes(model, chunk, th, tw, dtype, height, width) <= budget:
+            estimate = estimate_peak_bytes(model, chunk, th, tw, dtype, height, width)
+            if estimate <= budget:
                 return chunk, tile
-    need = estimate_peak_bytes(model, chunks[-1], min(64, height), min(64, width), dtype, height, width)
+            need = estimate if need is None else min(need, estimate)
     raise MemoryBudgetError(
         f"{height}x{width} video does not fit a memory budget of {budget / 2**20:.0f} MiB "
-        f"(the smallest chunk and tile need about {need / 2**20:.0f} MiB)"
+        f"(the leanest chunk and tile sizes need about {need / 2**20:.0f} MiB: --max-memory "
+        f"{math.ceil(need / 2**29) / 2:g}G)"
     )
 
 

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().with_name("weights")
-# shipped model name (also its preset name) -> file in WEIGHTS_DIR
-SHIPPED: dict[str, str] = {"vv-s16": "vv-s16.safetensors"}
+# shipped model name (also its preset name) -> file in WEIGHTS_DIR. A turbo preset ships as a
+# turbo-pair: the shipped teacher's encoder and the distilled turbo decoder.
+SHIPPED: dict[str, str] = {"vv-s16": "vv-s16.safetensors", "turbo-vv-s16": "turbo-vv-s16.safetensors"}
 DEFAULT_MODEL = "vv-s16"
 
 
