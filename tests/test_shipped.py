@@ -107,3 +107,46 @@ def test_cli_uses_the_shipped_model_without_weights(tmp_path):
     fails("decode", str(other), "-o", str(tmp_path / "x.mkv"), match="not made by a shipped model")
     fails("decode", str(lat), "-o", str(tmp_path / "x.mkv"), "--weights", str(tmp_path / "w.safetensors"),
           match="different model")
+
+
+# --- the shipped turbo decoder (turbo-vv-s16: vv-s16's encoder + a distilled turbo decoder) ----------
+
+TURBO = "turbo-vv-s16"
+# A random turbo decoder gives about 8 dB here; the distilled one, 17.8 dB (the model card has the figures).
+TURBO_SYNTHETIC_PSNR_FLOOR = 15.0
+
+
+def test_shipped_turbo_pairs_the_shipped_encoder_with_the_preset_decoder(shipped):
+    path = shipped_path(TURBO)
+    meta = read_metadata(path)
+    assert meta["family"] == "turbo-pair" and meta["extra"]["shipped_model"] == TURBO
+    turbo = videovae.load(TURBO)
+    assert turbo.config.decoder == PRESETS[TURBO][1]
+    assert turbo.config.teacher_weights_sha256 == model_digest(shipped)
+    with safe_open(str(path), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert path.stat().st_size < 8 * 2**20
+    x = to_model_range(synthetic_video(9, 48, 64, seed=8))
+    with torch.no_grad():
+        assert torch.equal(turbo.encode(x).mean, shipped.encode(x).mean)
+
+
+def test_shipped_turbo_decodes_the_shipped_models_latents(shipped):
+    turbo = videovae.load(TURBO)
+    x = to_model_range(synthetic_video(17, 128, 160, seed=31))
+    with torch.no_grad():
+        enc = shipped.encode_video(x)
+        y = turbo.decode_video(enc.mean, enc.geometry).clamp(-1, 1)
+        chunked = turbo.decode_video(enc.mean, enc.geometry, chunk_frames=4, tile=64).clamp(-1, 1)
+    assert video_metrics(x, y)["psnr"] > TURBO_SYNTHETIC_PSNR_FLOOR
+    torch.testing.assert_close(chunked, y, atol=2e-5, rtol=0)
+
+
+def test_cli_decodes_shipped_latents_with_the_shipped_turbo(tmp_path):
+    from videovae.synthetic import write_synthetic_video
+
+    clip = write_synthetic_video(tmp_path / "clip.mkv", 9, 40, 48, seed=4)
+    lat = tmp_path / "clip.safetensors"
+    run("encode", clip, "-o", str(lat), "--quiet")
+    run("decode", str(lat), "-o", str(tmp_path / "turbo.mkv"), "--weights", TURBO, "--quiet")
+    assert "paired with vv-s16's encoder" in run("models").stdout
