@@ -38,7 +38,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -58,26 +57,30 @@ from videovae.models import from_preset
 from videovae.models.turbo_vaed import DECODE_SIDE, TurboPair, TurboVAED
 
 from .config import ConfigError, TrainConfig, check_against_model, load_config, save_config
-from .data import ClipDataset, make_loader
+from .data import make_loader
 from .losses import recon_loss
 from .vae import (
+    _DTYPES,
     RunLog,
     _any_rank,
+    check_resume_request,
     ema_update,
     latest_tag,
-    load_training_state,
     lr_factor,
     make_engine,
+    prepare_run_dir,
     preview_image,
     resolve_engine,
+    resume_state,
     save_training_state,
     seed_everything,
     setup_distributed,
     step_seed,
+    training_dataset,
+    validation_clips,
 )
 
 log = logging.getLogger("videovae.distill")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXPORT_NAME = "turbo.safetensors"
 
 __all__ = ["AlignHead", "Distiller", "FeatureTaps", "auto_align_pairs", "distill", "load_teacher", "main"]
@@ -352,10 +355,7 @@ def distill(cfg: TrainConfig, resume: bool = False) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     is_main = rank == 0
     dtype = _DTYPES[cfg.deepspeed.precision] if engine_kind == "deepspeed" else torch.float32
-    if resume and latest_tag(ckpt_dir) is None:
-        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
-    if not resume and (ckpt_dir / "latest").is_file():
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose a new run_dir")
+    check_resume_request(run_dir, resume)
 
     seed_everything(cfg.seed)
     teacher, teacher_digest = load_teacher(cfg.distill.teacher)
@@ -370,11 +370,7 @@ def distill(cfg: TrainConfig, resume: bool = False) -> dict:
     plan = plan_alignment(student, teacher, pairs)
     distiller = Distiller(student, plan).train()
     ema = copy.deepcopy(distiller).eval().requires_grad_(False) if cfg.optim.ema_decay > 0 else None
-    d = cfg.data
-    dataset = ClipDataset(d.paths, num_frames=d.num_frames, size=d.size, max_stride=d.max_stride,
-                          crop_scale_min=d.crop_scale_min, image_ratio=d.image_ratio, batch_size=cfg.batch_size,
-                          seed=cfg.seed, rank=rank, backend=d.backend, decode_short_side=d.decode_short_side,
-                          cache_mb=d.cache_mb, max_video_frames=d.max_video_frames)
+    dataset = training_dataset(cfg, rank)
     lpips_net = None
     if cfg.loss.lpips_weight > 0:
         from .lpips import LPIPS, lpips_video
@@ -399,28 +395,14 @@ def distill(cfg: TrainConfig, resume: bool = False) -> dict:
 
     layout = {"world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
               "student": cfg.distill.student, "teacher_sha256": teacher_digest, "engine": engine_kind}
+    prepare_run_dir(run_dir, is_main)
     counters = {"step": 0, "samples": 0}
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob("*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
     if resume:
-        tag = latest_tag(ckpt_dir)
-        counters = load_training_state(ckpt_dir, tag, engines, ema, rank, layout)
-        if is_main:
-            log.info("resumed from %s at step %d", ckpt_dir / tag, counters["step"])
+        counters = resume_state(run_dir, engines, ema, rank, layout)
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "previews").mkdir(exist_ok=True)
-
-    val_source = dataset
-    if d.val_paths:
-        val_source = ClipDataset(d.val_paths, num_frames=d.num_frames, size=d.size, max_stride=d.max_stride,
-                                 crop_scale_min=d.crop_scale_min, batch_size=1, seed=cfg.seed, backend=d.backend,
-                                 decode_short_side=d.decode_short_side, cache_mb=0,
-                                 max_video_frames=d.max_video_frames)
-    val_clips = val_source.validation_clips(cfg.val_clips) if is_main and cfg.val_clips else []
-    batches = iter(make_loader(dataset, cfg.batch_size, counters["samples"], d.num_workers))
+    val_clips = validation_clips(cfg, dataset, is_main)
+    batches = iter(make_loader(dataset, cfg.batch_size, counters["samples"], cfg.data.num_workers))
     runlog = RunLog(run_dir, is_main)
 
     from tqdm.auto import tqdm

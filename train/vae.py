@@ -376,6 +376,57 @@ def load_training_state(ckpt_dir: Path, tag: str, engines: dict, ema, rank: int,
     return {"step": int(client["step"]), "samples": int(client["samples"])}
 
 
+def check_resume_request(run_dir: Path, resume: bool) -> None:
+    """``--resume`` needs a checkpoint; a fresh run must not overwrite one."""
+    ckpt_dir = run_dir / "checkpoints"
+    if resume and latest_tag(ckpt_dir) is None:
+        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
+    if not resume and (ckpt_dir / "latest").is_file():
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose a new run_dir")
+
+
+def prepare_run_dir(run_dir: Path, is_main: bool) -> None:
+    """Create the run folder and drop interrupted saves (the previous checkpoint stays the latest)."""
+    if is_main:
+        (run_dir / "previews").mkdir(parents=True, exist_ok=True)
+        for stale in (run_dir / "checkpoints").glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+
+
+def resume_state(run_dir: Path, engines: dict, ema, rank: int, layout: dict) -> dict:
+    """Load the latest checkpoint of ``run_dir`` into the engines and EMA; returns the counters."""
+    ckpt_dir = run_dir / "checkpoints"
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
+    counters = load_training_state(ckpt_dir, tag, engines, ema, rank, layout)
+    if rank == 0:
+        log.info("resumed from %s at step %d", ckpt_dir / tag, counters["step"])
+    return counters
+
+
+def training_dataset(cfg: TrainConfig, rank: int) -> ClipDataset:
+    d = cfg.data
+    return ClipDataset(d.paths, num_frames=d.num_frames, size=d.size, max_stride=d.max_stride,
+                       crop_scale_min=d.crop_scale_min, image_ratio=d.image_ratio, batch_size=cfg.batch_size,
+                       seed=cfg.seed, rank=rank, backend=d.backend, decode_short_side=d.decode_short_side,
+                       cache_mb=d.cache_mb, max_video_frames=d.max_video_frames)
+
+
+def validation_clips(cfg: TrainConfig, dataset: ClipDataset, is_main: bool) -> list[torch.Tensor]:
+    """The fixed validation clips (rank 0 only): from ``data.val_paths`` when given, else the training media."""
+    if not is_main or not cfg.val_clips:
+        return []
+    d = cfg.data
+    source = dataset
+    if d.val_paths:
+        source = ClipDataset(d.val_paths, num_frames=d.num_frames, size=d.size, max_stride=d.max_stride,
+                             crop_scale_min=d.crop_scale_min, batch_size=1, seed=cfg.seed, backend=d.backend,
+                             decode_short_side=d.decode_short_side, cache_mb=0, max_video_frames=d.max_video_frames)
+    return source.validation_clips(cfg.val_clips)
+
+
 # --- the model -----------------------------------------------------------------------------------------
 
 
@@ -534,10 +585,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     # DeepSpeed casts the model to the training precision; the torch engine keeps fp32 weights (autocast)
     dtype = _DTYPES[cfg.deepspeed.precision] if engine_kind == "deepspeed" else torch.float32
 
-    if resume and latest_tag(ckpt_dir) is None:
-        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
-    if not resume and (ckpt_dir / "latest").is_file():
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose a new run_dir")
+    check_resume_request(run_dir, resume)
 
     # model, discriminator, EMA: identical initialisation on every rank
     seed_everything(cfg.seed)
@@ -549,11 +597,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         raise ConfigError(f"loss.discrete_weight > 0 needs a model with a quantiser (e.g. a OneVAE token preset); "
                           f"{cfg.model.preset} has none")
     model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
-    d = cfg.data
-    dataset = ClipDataset(d.paths, num_frames=d.num_frames, size=d.size, max_stride=d.max_stride,
-                          crop_scale_min=d.crop_scale_min, image_ratio=d.image_ratio, batch_size=cfg.batch_size,
-                          seed=cfg.seed, rank=rank, backend=d.backend, decode_short_side=d.decode_short_side,
-                          cache_mb=d.cache_mb, max_video_frames=d.max_video_frames)
+    dataset = training_dataset(cfg, rank)
     disc = PatchDiscriminator3D(model.config.in_channels, cfg.disc.channels, cfg.disc.layers)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.optim.ema_decay > 0 else None
     loss_fn = VAELoss(cfg.loss)
@@ -580,33 +624,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if ema is not None:
         ema.to(device)
 
+    prepare_run_dir(run_dir, is_main)
     counters = {"step": 0, "samples": 0}
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob("*.tmp"):  # an interrupted save: the previous checkpoint stays the latest
-            shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
     if resume:
-        tag = latest_tag(ckpt_dir)
-        if tag is None:
-            raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
-        counters = load_training_state(ckpt_dir, tag, engines, ema, rank, run_layout(cfg, world, engine_kind))
-        if is_main:
-            log.info("resumed from %s at step %d", ckpt_dir / tag, counters["step"])
+        counters = resume_state(run_dir, engines, ema, rank, run_layout(cfg, world, engine_kind))
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
-
-    val_source = dataset
-    if d.val_paths:
-        val_source = ClipDataset(d.val_paths, num_frames=d.num_frames, size=d.size, max_stride=d.max_stride,
-                                 crop_scale_min=d.crop_scale_min, batch_size=1, seed=cfg.seed, backend=d.backend,
-                                 decode_short_side=d.decode_short_side, cache_mb=0,
-                                 max_video_frames=d.max_video_frames)
-    val_clips = val_source.validation_clips(cfg.val_clips) if is_main and cfg.val_clips else []
-    batches = iter(make_loader(dataset, cfg.batch_size, counters["samples"], d.num_workers))
+    val_clips = validation_clips(cfg, dataset, is_main)
+    batches = iter(make_loader(dataset, cfg.batch_size, counters["samples"], cfg.data.num_workers))
     runlog = RunLog(run_dir, is_main)
-    if is_main:
-        (run_dir / "previews").mkdir(exist_ok=True)
 
     from tqdm.auto import tqdm
 

@@ -189,13 +189,18 @@ class TilePlan:
         return len(self.rows) * len(self.cols)
 
 
+def default_ramp(core: int) -> int:
+    """Blend ramp (latent pixels) of tiles whose core is ``core`` latent pixels wide."""
+    return max(1, core // 16)
+
+
 def plan_tiles(model, lat_h: int, lat_w: int, opts: EngineOptions, *, encoder: bool) -> TilePlan | None:
     if not opts.tile:
         return None
     core = opts.tile // model.space_factor
     if lat_h <= core and lat_w <= core:
         return None
-    ramp = opts.ramp if opts.ramp is not None else max(1, core // 16)
+    ramp = opts.ramp if opts.ramp is not None else default_ramp(core)
     if ramp * 2 > core:
         raise ValueError(f"ramp {ramp} is too wide for tiles of {core} latent pixels")
     if opts.halo is not None:
@@ -611,17 +616,24 @@ _FALLBACK_MEMORY_FACTOR = max(MEMORY_FACTORS.values())
 IO_FRAMES = 16
 
 
+def _require_memory_model(model) -> None:
+    if not hasattr(model.config, "channel_mult"):
+        raise MemoryBudgetError(f"--max-memory has no memory model for {model.family} models yet; choose "
+                                "--chunk-frames and --tile instead")
+
+
 def estimate_peak_bytes(
-    model, chunk_frames: int, tile_h: int, tile_w: int, dtype: torch.dtype, frame_h: int, frame_w: int
+    model, chunk_frames: int, tile_h: int, tile_w: int, dtype: torch.dtype, frame_h: int, frame_w: int,
+    cache_per_pixel: float | None = None,
 ) -> int:
     """Peak memory of encoding or decoding one chunk of ``1 + chunk_frames`` video frames: the tiled
     part on a ``tile_h`` x ``tile_w`` tile, the untiled latent-resolution part (mid blocks with
     attention) on the whole ``frame_h`` x ``frame_w`` frame and the output canvas, scaled by the
-    family's measured :data:`MEMORY_FACTORS`, plus the weights and the caller's frame buffers."""
+    family's measured :data:`MEMORY_FACTORS`, plus every tile's causal state
+    (``cache_per_pixel``: :func:`cache_bytes_per_pixel`, measured when not given), the weights and
+    the caller's frame buffers."""
+    _require_memory_model(model)
     cfg = model.config
-    if not hasattr(cfg, "channel_mult"):
-        raise MemoryBudgetError(f"--max-memory has no memory model for {model.family} models yet; choose "
-                                "--chunk-frames and --tile instead")
     item = torch.empty((), dtype=dtype).element_size()
     frames = 1 + chunk_frames
     levels = len(cfg.channel_mult)
@@ -643,11 +655,13 @@ def estimate_peak_bytes(
     # every tile's causal state lives at once, halos included
     sf = model.space_factor
     radius = max(model.encoder_receptive_radius(), model.decoder_receptive_radius())
-    halo = (math.ceil(radius) + max(1, min(tile_h, tile_w) // sf // 16)) * sf
+    halo = (math.ceil(radius) + default_ramp(min(tile_h, tile_w) // sf)) * sf
     overlap = 1.0
     if (tile_h, tile_w) != (frame_h, frame_w):
         overlap = min(tile_h + 2 * halo, frame_h) * min(tile_w + 2 * halo, frame_w) / (tile_h * tile_w)
-    caches = cache_bytes_per_pixel(model, dtype) * frame_h * frame_w * overlap
+    if cache_per_pixel is None:
+        cache_per_pixel = cache_bytes_per_pixel(model, dtype)
+    caches = cache_per_pixel * frame_h * frame_w * overlap
     return int(factor * (max(peak, untiled) + canvas) + caches) + weights + io
 
 
@@ -696,12 +710,14 @@ def plan_for_budget(model, height: int, width: int, budget: int, dtype: torch.dt
     tf, sf = model.time_factor, model.space_factor
     tiles = [0] + [t for t in (1024, 768, 512, 384, 256, 192, 128, 96, 64) if t % sf == 0 and t < max(height, width)]
     chunks = [c * tf for c in (8, 4, 2, 1)]
+    _require_memory_model(model)
     need = None
+    per_pixel = cache_bytes_per_pixel(model, dtype)  # measured once for all candidate plans
     for tile in tiles:
         th, tw = (height, width) if tile == 0 else (min(tile, height), min(tile, width))
         th, tw = th + (-th % sf), tw + (-tw % sf)
         for chunk in chunks:
-            estimate = estimate_peak_bytes(model, chunk, th, tw, dtype, height, width)
+            estimate = estimate_peak_bytes(model, chunk, th, tw, dtype, height, width, per_pixel)
             if estimate <= budget:
                 return chunk, tile
             need = estimate if need is None else min(need, estimate)
