@@ -273,17 +273,21 @@ def markdown(cases: list[Case], copy_gbs: float, e2e, device_name: str) -> str:
     def fmt(ms):
         return f"{ms:.3f}" if ms else "n/a"
 
+    def vs_compile(r):
+        return f"{r['compile_ms'] / r['triton_ms']:.2f}x" if r.get("compile_ms") else "n/a"
+
     lines = [f"Device: {device_name}; copy bandwidth {copy_gbs:.0f} GB/s", "",
              "| op | shape | dtype | triton ms | eager ms | compile ms | triton GB/s | eager GB/s | "
-             "% of copy | speedup vs eager |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "% of copy | speedup vs eager | speedup vs compile |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         r = c.results
         tri = c.nbytes / (r["triton_ms"] * 1e-3) / 1e9
         lines.append(
             f"| {c.op} | {'x'.join(map(str, c.shape))} | {str(c.dtype).replace('torch.', '')} | "
             f"{fmt(r['triton_ms'])} | {fmt(r['eager_ms'])} | {fmt(r.get('compile_ms'))} | {tri:.0f} | "
-            f"{gbs(c, 'eager_ms')} | {100 * tri / copy_gbs:.0f}% | {r['eager_ms'] / r['triton_ms']:.2f}x |"
+            f"{gbs(c, 'eager_ms')} | {100 * tri / copy_gbs:.0f}% | {r['eager_ms'] / r['triton_ms']:.2f}x | "
+            f"{vs_compile(r)} |"
         )
     lines.append("")
     if isinstance(e2e, str):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import torch
 
 
@@ -21,3 +24,53 @@ def prod(shape) -> int:
     for s in shape:
         out *= int(s)
     return out
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive integers."""
+    return -(-int(a) // int(b))
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run through the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs serially)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_TUNED: dict[tuple, object] = {}
+
+
+def autotune(key: tuple, candidates: list, run: Callable[[object], None], reps: int = 5):
+    """The fastest of ``candidates`` for ``key`` (cached for the process), timed by calling ``run(cfg)``.
+
+    ``candidates[0]`` is the heuristic choice: it is returned untimed on the CPU, under the
+    interpreter, with a single candidate, and while a CUDA graph is being captured (timing would
+    break the capture; warm the cache with one eager call first). Every candidate computes the same
+    result, so tuning only changes speed.
+    """
+    if key in _TUNED:
+        return _TUNED[key]
+    device = key[0]
+    if (len(candidates) == 1 or not isinstance(device, torch.device) or device.type != "cuda"
+            or interpreting() or torch.cuda.is_current_stream_capturing()):
+        return candidates[0]
+    best, best_ms = candidates[0], float("inf")
+    for cfg in candidates:
+        run(cfg)  # compile + warm up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            run(cfg)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) / reps
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _TUNED[key] = best
+    return best

@@ -4,58 +4,124 @@ Layout: ``x`` is a contiguous ``(N, C, T, H, W)`` tensor viewed as ``N * C * T``
 contiguous elements (row ``r`` = ``(n, c, t)``, ``c = (r // T) % C``). Statistics are accumulated in
 fp32 whatever the input dtype; the output keeps the input dtype.
 
-Pipeline (forward): ``group_norm_silu_fwd_stats_kernel`` reduces each row to shifted sums (one read
-of ``x``), the tiny per-row partials are merged into per-group mean / rstd with exact parallel
-variance combination, and ``group_norm_silu_fwd_kernel`` normalises, applies the affine and SiLU
-(one read, one write). Backward: ``group_norm_silu_bwd_reduce_kernel`` reduces ``dz`` and
+Pipeline (forward, three launches): ``group_norm_silu_fwd_partial_kernel`` reduces each row, split
+into segments over several programs when rows are few and long, to shifted sums (one read of
+``x``); ``group_norm_silu_fwd_combine_kernel`` merges the partials of each group into its mean and
+rstd with exact parallel variance combination (one program per statistic, no host-side glue); and
+``group_norm_silu_fwd_kernel`` normalises, applies the affine and SiLU (one read, one write). The
+block size, split count and warps are tuned per shape on CUDA (a few candidates, timed once, cached). Backward: ``group_norm_silu_bwd_reduce_kernel`` reduces ``dz`` and
 ``dz * xhat`` per row (these give ``dweight`` / ``dbias`` and the two group means of the input
 gradient) and ``group_norm_silu_bwd_kernel`` writes ``dx``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from .._utils import as_contiguous, next_pow2
+from .._utils import as_contiguous, autotune, cdiv, multiprocessor_count, next_pow2
 from .reference import check_group_norm_args
 
 
 @triton.jit
-def group_norm_silu_fwd_stats_kernel(X, S1, S2, SHIFT, HW, BLOCK: tl.constexpr):
-    """Per row ``r`` of ``HW`` elements: ``sum(x - k)``, ``sum((x - k)^2)`` with ``k = x[r, 0]``."""
+def group_norm_silu_fwd_partial_kernel(X, S1, S2, SHIFT, HW, SEG, SPLITS, BLOCK: tl.constexpr):
+    """Segment ``split`` (``SEG`` elements) of row ``r``: ``sum(x - k)``, ``sum((x - k)^2)``, ``k = x[r, 0]``.
+
+    Every segment of a row shares the shift ``k``, so a row's sums are the plain sums of its
+    segments' partials; splitting a long row over several programs keeps the GPU busy when there are
+    few rows (large frames, few channels or a single frame).
+    """
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     base = X + row * HW
     k = tl.load(base).to(tl.float32)
     acc1 = tl.zeros([BLOCK], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, HW, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    seg_start = split * SEG
+    for start in range(0, SEG, BLOCK):
+        offs = seg_start + start + tl.arange(0, BLOCK)
         mask = offs < HW
         v = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, v - k, 0.0)
         acc1 += d
         acc2 += d * d
-    tl.store(S1 + row, tl.sum(acc1, axis=0))
-    tl.store(S2 + row, tl.sum(acc2, axis=0))
-    tl.store(SHIFT + row, k)
+    out = row * SPLITS + split
+    tl.store(S1 + out, tl.sum(acc1, axis=0))
+    tl.store(S2 + out, tl.sum(acc2, axis=0))
+    if split == 0:
+        tl.store(SHIFT + row, k)
+
+
+@triton.jit
+def group_norm_silu_fwd_combine_kernel(
+    S1, S2, SHIFT, MEAN, RSTD, HW, T, C, CG, G, SPLITS, eps,
+    PER_FRAME: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One statistic (``(n, g, t)`` per frame, ``(n, g)`` per clip): mean and ``rstd`` of its rows.
+
+    Rows of one group: ``(n * C + g * CG + j) * T + t`` for ``j < CG`` (per frame: stride ``T``,
+    ``CG`` rows) or the ``CG * T`` consecutive rows from ``(n * C + g * CG) * T`` (per clip). Row
+    moments are combined exactly (Chan et al.): ``M2 = sum(M2_r) + HW * sum((mean_r - mean)^2)``,
+    with the between-row term accumulated about the first row's mean for stability.
+    """
+    stat = tl.program_id(0).to(tl.int64)
+    if PER_FRAME:
+        t = stat % T
+        ng = stat // T
+        first = ((ng // G) * C + (ng % G) * CG) * T + t
+        stride = T
+        nrows = CG
+    else:
+        first = ((stat // G) * C + (stat % G) * CG) * T
+        stride = 1
+        nrows = CG * T
+    s1_first = tl.load(S1 + first * SPLITS)
+    for sp in range(1, SPLITS):
+        s1_first += tl.load(S1 + first * SPLITS + sp)
+    ref_mean = tl.load(SHIFT + first) + s1_first / HW
+    m2_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    d_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    dd_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for r0 in range(0, nrows, BLOCK_R):
+        j = r0 + tl.arange(0, BLOCK_R)
+        mask = j < nrows
+        rows = first + j.to(tl.int64) * stride
+        s1 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for sp in range(0, SPLITS):
+            s1 += tl.load(S1 + rows * SPLITS + sp, mask=mask, other=0.0)
+            s2 += tl.load(S2 + rows * SPLITS + sp, mask=mask, other=0.0)
+        k = tl.load(SHIFT + rows, mask=mask, other=0.0)
+        d = tl.where(mask, k + s1 / HW - ref_mean, 0.0)
+        m2_acc += tl.where(mask, tl.maximum(s2 - s1 * s1 / HW, 0.0), 0.0)
+        d_acc += d
+        dd_acc += d * d
+    sum_d = tl.sum(d_acc, axis=0)
+    m2 = tl.sum(m2_acc, axis=0) + HW * (tl.sum(dd_acc, axis=0) - sum_d * sum_d / nrows)
+    tl.store(MEAN + stat, ref_mean + sum_d / nrows)
+    tl.store(RSTD + stat, 1.0 / tl.sqrt(tl.maximum(m2, 0.0) / nrows / HW + eps))
 
 
 @triton.jit
 def group_norm_silu_fwd_kernel(
-    X, Y, W, B, MEAN, RSTD, HW, T, C,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
+    X, Y, W, B, MEAN, RSTD, HW, T, C, CG, G,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PER_FRAME: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """``y = silu((x - mean[r]) * rstd[r] * w[c] + b[c])`` over one block of one row."""
+    """``y = silu((x - mean) * rstd * w[c] + b[c])`` over one block of one row ``(n, c, t)``."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < HW
-    mean = tl.load(MEAN + row)
-    rstd = tl.load(RSTD + row)
+    c = (row // T) % C
+    ng = (row // (T * C)) * G + c // CG
+    stat = ng * T + row % T if PER_FRAME else ng
+    mean = tl.load(MEAN + stat)
+    rstd = tl.load(RSTD + stat)
     x = tl.load(X + row * HW + offs, mask=mask, other=0.0).to(tl.float32)
     z = (x - mean) * rstd
-    c = (row // T) % C
     if HAS_W:
         z = z * tl.load(W + c).to(tl.float32)
     if HAS_B:
@@ -144,44 +210,91 @@ def _expand_rows(per_group: torch.Tensor, n: int, g: int, cg: int, t: int) -> to
     return per_group.view(n, g, 1, -1).expand(n, g, cg, t).reshape(-1).contiguous()
 
 
-def group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu):
-    """Forward host wrapper: ``x`` contiguous ``(N, C, T, H, W)``; returns ``(y, mean_rows, rstd_rows)``."""
+@dataclass(frozen=True)
+class FwdConfig:
+    """Launch configuration of the forward: ``block`` elements per step, ``splits`` programs per row
+    in the reduction, ``num_warps`` per program."""
+
+    block: int
+    splits: int
+    num_warps: int
+
+
+def fwd_candidates(rows: int, hw: int, device: torch.device) -> list[FwdConfig]:
+    """Forward configurations worth timing for ``rows`` rows of ``hw`` elements; the first is the
+    heuristic: enough reduction programs for about four per multiprocessor, segments of whole blocks."""
+    programs = 4 * multiprocessor_count(device) if device.type == "cuda" else 1
+    out = []
+    for block in (1024, 2048, 512, 4096):
+        block = min(block, max(next_pow2(hw), 128))
+        for want in (cdiv(programs, rows), 1, 4 * cdiv(programs, rows)):
+            splits = max(1, min(want, cdiv(hw, block)))
+            splits = cdiv(hw, cdiv(cdiv(hw, splits), block) * block)
+            for warps in (4, 8):
+                cfg = FwdConfig(block, splits, 8 if block >= 4096 else warps)
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+def group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, config: FwdConfig | None = None):
+    """Forward host wrapper: ``x`` contiguous ``(N, C, T, H, W)``; returns ``(y, mean, rstd)``.
+
+    ``mean`` / ``rstd`` are fp32 ``(N, G, T)`` (per frame) or ``(N, G, 1)`` (per clip). Three
+    launches: split row partials, one combine program per statistic, the normalising pass.
+    ``config`` fixes the launch configuration; by default it is tuned per shape on CUDA (cached).
+    """
+    n, c, t, h, w = x.shape
+    hw = h * w
+    rows = n * c * t
+    if config is None:
+        key = (x.device, "group_norm_silu_fwd", rows, hw, num_groups, t if per_frame else 0, x.dtype)
+        config = autotune(
+            key, fwd_candidates(rows, hw, x.device),
+            lambda cfg: _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg),
+        )
+    return _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, config)
+
+
+def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg: FwdConfig):
+    n, c, t, h, w = x.shape
+    hw = h * w
+    rows = n * c * t
+    seg = cdiv(cdiv(hw, cfg.splits), cfg.block) * cfg.block
+    splits = cdiv(hw, seg)
+    s1 = torch.empty(rows * splits, device=x.device, dtype=torch.float32)
+    s2 = torch.empty_like(s1)
+    shift = torch.empty(rows, device=x.device, dtype=torch.float32)
+    group_norm_silu_fwd_partial_kernel[(rows, splits)](
+        x, s1, s2, shift, hw, seg, splits, BLOCK=cfg.block, num_warps=cfg.num_warps
+    )
+    stats_t = t if per_frame else 1
+    mean = torch.empty((n, num_groups, stats_t), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    cg = c // num_groups
+    group_norm_silu_fwd_combine_kernel[(mean.numel(),)](
+        s1, s2, shift, mean, rstd, hw, t, c, cg, num_groups, splits, eps,
+        PER_FRAME=per_frame, BLOCK_R=min(next_pow2(cg if per_frame else cg * t), 128),
+    )
+    y = torch.empty_like(x)
+    group_norm_silu_fwd_kernel[(rows, triton.cdiv(hw, cfg.block))](
+        x, y, weight if weight is not None else x, bias if bias is not None else x,
+        mean, rstd, hw, t, c, cg, num_groups,
+        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PER_FRAME=per_frame,
+        BLOCK=cfg.block, num_warps=cfg.num_warps,
+    )
+    return y, mean, rstd
+
+
+def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups, per_frame, silu):
+    """Backward host wrapper (``mean`` / ``rstd`` as returned by the forward); returns
+    ``(dx, dweight_fp32 or None, dbias_fp32 or None)``."""
     n, c, t, h, w = x.shape
     hw = h * w
     rows = n * c * t
     cg = c // num_groups
-    s1 = torch.empty(rows, device=x.device, dtype=torch.float32)
-    s2 = torch.empty_like(s1)
-    shift = torch.empty_like(s1)
-    block, num_warps = _launch_cfg(hw)
-    group_norm_silu_fwd_stats_kernel[(rows,)](x, s1, s2, shift, hw, BLOCK=block, num_warps=num_warps)
-    # exact combination of equal-size row partials (Chan et al.): mean, then M2 within + between rows
-    row_mean = shift + s1 / hw
-    row_m2 = (s2 - s1 * s1 / hw).clamp_min(0.0)
-    gm = _group_view(row_mean, n, num_groups, cg, t, per_frame)
-    gm2 = _group_view(row_m2, n, num_groups, cg, t, per_frame)
-    mean = gm.mean(dim=-1, keepdim=True)
-    m2 = gm2.sum(dim=-1, keepdim=True) + hw * (gm - mean).square().sum(dim=-1, keepdim=True)
-    var = m2 / (gm.shape[-1] * hw)
-    rstd = torch.rsqrt(var + eps)
     mean_rows = _expand_rows(mean, n, num_groups, cg, t)
     rstd_rows = _expand_rows(rstd, n, num_groups, cg, t)
-    y = torch.empty_like(x)
-    grid = (rows, triton.cdiv(hw, block))
-    group_norm_silu_fwd_kernel[grid](
-        x, y, weight if weight is not None else x, bias if bias is not None else x,
-        mean_rows, rstd_rows, hw, t, c,
-        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK=block, num_warps=num_warps,
-    )
-    return y, mean_rows, rstd_rows
-
-
-def group_norm_silu_bwd(dy, x, weight, bias, mean_rows, rstd_rows, num_groups, per_frame, silu):
-    """Backward host wrapper; returns ``(dx, dweight_fp32 or None, dbias_fp32 or None)``."""
-    n, c, t, h, w = x.shape
-    hw = h * w
-    rows = n * c * t
-    cg = c // num_groups
     block, num_warps = _launch_cfg(hw)
     has_w, has_b = weight is not None, bias is not None
     wp = weight if has_w else x
@@ -215,17 +328,17 @@ class GroupNormSiLUFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, num_groups, eps, per_frame, silu):
         x = x.contiguous()
         weight, bias = as_contiguous(weight), as_contiguous(bias)
-        y, mean_rows, rstd_rows = group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu)
-        ctx.save_for_backward(x, weight, bias, mean_rows, rstd_rows)
+        y, mean, rstd = group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.cfg = (num_groups, per_frame, silu)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, mean_rows, rstd_rows = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
         num_groups, per_frame, silu = ctx.cfg
         dx, dweight, dbias = group_norm_silu_bwd(
-            dy.contiguous(), x, weight, bias, mean_rows, rstd_rows, num_groups, per_frame, silu
+            dy.contiguous(), x, weight, bias, mean, rstd, num_groups, per_frame, silu
         )
         dweight = dweight.to(weight.dtype) if dweight is not None and ctx.needs_input_grad[1] else None
         dbias = dbias.to(bias.dtype) if dbias is not None and ctx.needs_input_grad[2] else None

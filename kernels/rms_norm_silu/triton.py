@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import as_contiguous, next_pow2, prod
+from .._utils import as_contiguous, autotune, next_pow2, prod
 from .reference import check_rms_norm_args
 
 _REG_BUDGET = 8192
@@ -160,20 +160,34 @@ def rms_norm_silu_bwd_kernel(
                 tl.store(DB_PART + part + offs_c, tl.sum(dz, axis=1), mask=mask_c)
 
 
-def _launch_cfg(c: int, s: int) -> tuple[int, int, bool, int]:
+def _launch_cfg(c: int, s: int, max_block_s: int = 64) -> tuple[int, int, bool, int]:
     """``(BLOCK_C, BLOCK_S, SINGLE, num_warps)`` for ``C`` channels and ``S`` positions."""
-    block_s = min(next_pow2(s), 64)
+    block_s = min(next_pow2(s), max_block_s)
     full_c = next_pow2(c)
     if full_c * block_s <= _REG_BUDGET:
         return full_c, block_s, True, 4 if full_c * block_s <= 4096 else 8
     return max(_REG_BUDGET // (2 * block_s), 1), block_s, False, 8
 
 
-def rms_norm_silu_fwd(x, weight, bias, eps, silu):
-    """Forward host wrapper: ``x`` contiguous ``(N, C, *spatial)``; returns ``(y, norm (N, S) fp32)``."""
+def rms_norm_silu_fwd(x, weight, bias, eps, silu, max_block_s: int | None = None):
+    """Forward host wrapper: ``x`` contiguous ``(N, C, *spatial)``; returns ``(y, norm (N, S) fp32)``.
+
+    ``max_block_s`` (positions per program) is tuned per shape on CUDA (cached) unless given.
+    """
     n, c = x.shape[:2]
     s = prod(x.shape[2:])
-    block_c, block_s, single, num_warps = _launch_cfg(c, s)
+    if max_block_s is None:
+        key = (x.device, "rms_norm_silu_fwd", n, c, s, x.dtype)
+        max_block_s = autotune(
+            key, [64, 32, 128, 16], lambda b: _rms_norm_silu_fwd(x, weight, bias, eps, silu, b)
+        )
+    return _rms_norm_silu_fwd(x, weight, bias, eps, silu, max_block_s)
+
+
+def _rms_norm_silu_fwd(x, weight, bias, eps, silu, max_block_s: int):
+    n, c = x.shape[:2]
+    s = prod(x.shape[2:])
+    block_c, block_s, single, num_warps = _launch_cfg(c, s, max_block_s)
     y = torch.empty_like(x)
     norm = torch.empty((n, s), device=x.device, dtype=torch.float32)
     rms_norm_silu_fwd_kernel[(n, triton.cdiv(s, block_s))](

@@ -90,6 +90,59 @@ def test_group_norm_silu(shape, groups, per_frame, silu, affine, dtype, device, 
         assert_close(g, r, dtype, name)
 
 
+@pytest.mark.parametrize("per_frame", [True, False])
+def test_group_norm_silu_split_reductions_agree(per_frame, device, poison_empty):
+    """Every launch configuration the tuner may pick (rows split over 1..8 programs, any block)
+    gives the reference result: tuning changes speed only."""
+    shape, groups = (1, 8, 3, 33, 31), 4
+    gen = seeded(shape, per_frame, "split")
+    x, xf = make(shape, F32, device, gen, scale=2.0, shift=3.0, grad=False)
+    w, wf = make((8,), F32, device, gen, shift=1.0, grad=False)
+    b, bf = make((8,), F32, device, gen, grad=False)
+    ref = group_norm_silu_ref(xf, wf, bf, groups, 1e-6, per_frame, True)
+    configs = [gn_tr.FwdConfig(128, 1, 4), gn_tr.FwdConfig(128, 8, 4), gn_tr.FwdConfig(256, 3, 8)]
+    configs += gn_tr.fwd_candidates(24, 33 * 31, torch.device(device))[:1]
+    for cfg in configs:
+        y, mean, rstd = gn_tr.group_norm_silu_fwd(x, w, b, groups, 1e-6, per_frame, True, cfg)
+        assert mean.shape == (1, groups, 3 if per_frame else 1)
+        assert_close(y, ref, F32, f"output with {cfg}")
+
+
+@pytest.mark.parametrize("max_block_s", [16, 32, 64, 128])
+def test_rms_norm_silu_block_sizes_agree(max_block_s, device, poison_empty):
+    """Every block size the tuner may pick gives the reference result (both the single-tile and the
+    channel-chunked path)."""
+    for c in (12, 200):
+        shape = (1, c, 3, 7, 9)
+        gen = seeded(shape, max_block_s)
+        x, xf = make(shape, F32, device, gen, grad=False)
+        w, wf = make((c,), F32, device, gen, shift=1.0, grad=False)
+        y, _ = rms_tr.rms_norm_silu_fwd(x, w, None, 1e-12, True, max_block_s)
+        assert_close(y, rms_norm_silu_ref(xf, wf, None, 1e-12, True), F32, f"C={c}")
+
+
+def test_fwd_candidates_are_valid_launches():
+    for rows, hw in ((2560, 4096), (2176, 65536), (1, 7), (16, 1)):
+        cands = gn_tr.fwd_candidates(rows, hw, torch.device("cpu"))
+        assert cands and len(set(cands)) == len(cands)
+        for cfg in cands:
+            assert cfg.block >= 128 and cfg.block & (cfg.block - 1) == 0
+            assert 1 <= cfg.splits <= max(1, -(-hw // cfg.block))
+
+
+def test_autotune_returns_the_heuristic_off_cuda_and_caches_on_cuda():
+    from videovae.kernels._utils import _TUNED, autotune
+
+    calls = []
+    key = (torch.device("cpu"), "probe")
+    assert autotune(key, ["a", "b"], calls.append) == "a"
+    assert calls == [] and key not in _TUNED
+    if torch.cuda.is_available():
+        cuda_key = (torch.device("cuda", 0), "probe")
+        got = autotune(cuda_key, ["a", "b"], lambda cfg: torch.cuda._sleep(10_000 if cfg == "a" else 10))
+        assert got == "b" and _TUNED[cuda_key] == "b"
+
+
 RMS_CASES = [
     # shape, weight, bias, silu, dtype
     ((1, 12, 5, 7, 9), True, True, True, F32),
