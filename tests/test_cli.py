@@ -152,6 +152,8 @@ def test_bad_inputs(work):
     fails("encode", str(work / "clip.mp4"), "-o", str(work / "x.safetensors"), "--weights", w, "--max-memory", "1M",
           match="memory budget")
     fails("decode", str(work / "clip.mp4"), "-o", str(work / "x.mp4"), "--weights", w, match="clip.mp4")
+    fails("encode", str(work / "clip.mp4"), "-o", str(work / "x.safetensors"), "--weights", w, "--tiling", "official",
+          "--compile", "default", match="--compile applies to the chunked decode step")
     fails("init", "--model", "nope", "-o", str(work / "x.safetensors"), match="unknown model preset")
     fails("encode", str(work / "clip.mp4"), "-o", str(work / "no" / "x.safetensors"), "--weights", w,
           match="does not exist")

@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from videovae.engine import (
+    DEFAULT_CHUNK_FRAMES,
     EngineOptions,
     MemoryBudgetError,
     VideoGeometry,
     decode_chunks,
     decode_frames,
     decode_tensor,
+    default_chunk_frames,
     encode_frames,
     encode_tensor,
     parse_size,
@@ -168,6 +170,53 @@ def test_decode_is_lazy_and_its_state_does_not_grow(tiny):
             _, cache = tiny.decode_chunk(torch.randn(1, 4, 1 if t == 0 else 2, 4, 4), cache)
             sizes.append(cache.nbytes())
     assert sizes[1:] == [sizes[1]] * 5
+
+
+def test_default_chunk_is_one_latent_frame_on_cuda(tiny):
+    assert default_chunk_frames(tiny, "cpu") == DEFAULT_CHUNK_FRAMES
+    assert default_chunk_frames(tiny, "cuda") == default_chunk_frames(tiny, "cuda:1") == tiny.time_factor
+
+
+@pytest.mark.parametrize("tile", [0, 32])
+def test_a_chunk_starts_with_nothing_of_the_previous_chunk_held(tiny, monkeypatch, tile):
+    """Only the causal caches carry over: when the next chunk's decode starts, the previous chunk's
+    features and tiles are already freed (what the next chunk needs from them is in the caches)."""
+    import weakref
+
+    stem_out: list = []
+    body_out: list = []
+
+    def tracked(fn, outputs, earlier):
+        def run(x, cache):
+            assert all(ref() is None for ref in earlier()), "a tensor of the previous chunk or tile is alive"
+            out, cache = fn(x, cache)
+            outputs.append(weakref.ref(out))
+            return out, cache
+        return run
+
+    # a chunk's stem starts with nothing held; each tile of the body without the previous tile's output
+    monkeypatch.setattr(tiny, "decode_stem", tracked(tiny.decode_stem, stem_out, lambda: stem_out + body_out))
+    monkeypatch.setattr(tiny, "decode_body", tracked(tiny.decode_body, body_out, lambda: body_out))
+    z = torch.randn(1, 4, 4, 6, 6)
+    for chunk in decode_chunks(tiny, z, EngineOptions(chunk_frames=4, tile=tile)):
+        assert not chunk.requires_grad and torch.is_grad_enabled()  # no_grad does not leak to the caller
+        del chunk
+    assert len(stem_out) == 3 and len(body_out) == (3 if tile == 0 else 12)
+
+
+def test_compiled_decode_step_matches_eager(tiny_rms):
+    """torch.compile of the per-chunk decode step (the fixed-shape streaming loop: first chunk, then
+    one-latent chunks) gives the eager result; eager stays the definition of correct."""
+    from torch._dynamo.utils import counters
+
+    z = torch.randn(1, tiny_rms.latent_channels, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    graphs = counters["stats"]["unique_graphs"]
+    eager = decode_tensor(tiny_rms, z, chunk_frames=4)
+    compiled = decode_tensor(tiny_rms, z, chunk_frames=4, compile="default")
+    assert counters["stats"]["unique_graphs"] > graphs  # it really ran compiled code
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        decode_tensor(tiny_rms, z, compile="fast")
 
 
 def test_engine_option_errors(tiny):

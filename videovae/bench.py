@@ -31,7 +31,14 @@ def _peak_bytes(device: str) -> int:
 
 def _worker(argv: list[str]) -> None:
     from videovae.checkpoint import load_checkpoint
-    from videovae.engine import EngineOptions, VideoGeometry, decode_frames, encode_frames, padded_length
+    from videovae.engine import (
+        EngineOptions,
+        VideoGeometry,
+        decode_frames,
+        default_chunk_frames,
+        encode_frames,
+        padded_length,
+    )
     from videovae.models import from_preset
     from videovae.synthetic import synthetic_frames
 
@@ -56,7 +63,8 @@ def _worker(argv: list[str]) -> None:
     else:
         model = load_checkpoint(a.weights, a.device, dtype) if a.weights else from_preset(a.model).to(a.device, dtype)
     model.eval()
-    opts = EngineOptions(chunk_frames=a.chunk_frames, tile=a.tile, tiling=a.tiling, tile_norm=a.tile_norm,
+    chunk = default_chunk_frames(model, a.device) if a.chunk_frames is None else a.chunk_frames
+    opts = EngineOptions(chunk_frames=chunk, tile=a.tile, tiling=a.tiling, tile_norm=a.tile_norm,
                          device=a.device, dtype=dtype)
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -75,7 +83,7 @@ def _worker(argv: list[str]) -> None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     print(json.dumps({"direction": a.direction, "frames": frames, "seconds": seconds, "fps": frames / seconds,
-                      "peak_bytes": _peak_bytes(a.device), "baseline_bytes": baseline}))
+                      "peak_bytes": _peak_bytes(a.device), "baseline_bytes": baseline, "chunk_frames": chunk}))
 
 
 def teacher_of(preset: str | None, weights: str | None) -> torch.nn.Module:
@@ -105,9 +113,10 @@ def is_turbo(preset: str | None, weights: str | None) -> bool:
     return preset in TEACHERS
 
 
-def _run_worker(args, direction: str, frames: int, model_args: list[str], chunk: int, tile: int) -> dict:
+def _run_worker(args, direction: str, frames: int, model_args: list[str], chunk: int | None, tile: int) -> dict:
+    chunk_args = [] if chunk is None else ["--chunk-frames", str(chunk)]
     cmd = [sys.executable, "-m", "videovae.bench", "--direction", direction, "--frames", str(frames),
-           "--size", str(args.size), *model_args, "--chunk-frames", str(chunk), "--tile", str(tile),
+           "--size", str(args.size), *model_args, *chunk_args, "--tile", str(tile),
            "--tiling", args.tiling, "--tile-norm", args.tile_norm,
            "--device", args.device, "--dtype", {"fp32": "float32", "bf16": "bfloat16",
                                                 "fp16": "float16"}.get(args.dtype, args.dtype)]
@@ -124,7 +133,7 @@ def run_bench(args) -> list[dict]:
     if not lengths or min(lengths) < 1:
         raise ValueError(f"--frames needs positive clip lengths, got {args.frames!r}")
     model_args = ["--weights", args.weights] if args.weights else ["--model", args.model or "tiny"]
-    chunk = 16 if args.chunk_frames is None else args.chunk_frames
+    chunk = args.chunk_frames  # None: the engine's default for the device (default_chunk_frames)
     tile = 0 if args.tile is None else args.tile
     turbo = is_turbo(args.model, args.weights)
     with_teacher = turbo and not getattr(args, "no_teacher", False)
@@ -138,6 +147,7 @@ def run_bench(args) -> list[dict]:
             for direction in ("encode", "decode"):
                 rows.append(_run_worker(args, direction, frames, model_args, chunk, tile))
     name = args.weights or args.model or "tiny"
+    chunk = rows[0]["chunk_frames"]
     print(f"videovae bench: {name}, {args.size}x{args.size}, chunk {chunk} frames, tile {tile or 'off'} "
           f"({args.tiling} tiling, {args.tile_norm} norm statistics), "
           f"{args.device} {args.dtype}")

@@ -21,12 +21,14 @@ from safetensors import SafetensorError, safe_open
 from videovae import __version__
 from videovae.checkpoint import CheckpointError, load_checkpoint, model_digest, read_metadata, save_checkpoint
 from videovae.engine import (
+    COMPILE_MODES,
     DEFAULT_CHUNK_FRAMES,
     TILINGS,
     EngineOptions,
     MemoryBudgetError,
     available_memory_bytes,
     decode_frames,
+    default_chunk_frames,
     detokenize_frames,
     encode_frames,
     estimate_peak_bytes,
@@ -71,7 +73,8 @@ class CLIError(ValueError):
 def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--chunk-frames", type=int, default=None,
-                   help=f"video frames per time chunk after the first (default {DEFAULT_CHUNK_FRAMES}; 0 = whole clip)")
+                   help=f"video frames per time chunk after the first (default: {DEFAULT_CHUNK_FRAMES} on the CPU, "
+                        "one latent frame on CUDA; 0 = whole clip)")
     g.add_argument("--tile", type=int, default=None, help="spatial tile size in pixels (default 0 = no tiling)")
     g.add_argument("--tile-norm", default="tile", choices=["tile", "exact"],
                    help="GroupNorm statistics when tiling: per tile (fast) or whole-frame (exact, slower)")
@@ -85,6 +88,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
     g.add_argument("--decode-latents", type=int, default=None,
                    help="--tiling official: latents per decode window after the first (0 = no windows)")
     g.add_argument("--tile-overlap", type=float, default=None, help="--tiling official: tile overlap ratio")
+    g.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="torch.compile the per-chunk decode step (reduce-overhead: CUDA graphs); none = eager")
     if frames:
         g.add_argument("--max-frames", type=int, default=None, help="read at most this many frames")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -93,6 +98,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
 def _engine_options(args, model, height: int, width: int) -> EngineOptions:
     dtype = DTYPES[args.dtype]
     if getattr(args, "tiling", "halo") == "official":
+        if args.compile != "none":
+            raise CLIError("--compile applies to the chunked decode step, not to --tiling official")
         if args.max_memory is not None:
             raise CLIError("--max-memory plans halo tiling; it cannot be combined with --tiling official")
         return EngineOptions(
@@ -116,20 +123,21 @@ def _engine_options(args, model, height: int, width: int) -> EngineOptions:
     else:
         _check_fits_memory(args, model, height, width, dtype)
     return EngineOptions(
-        chunk_frames=DEFAULT_CHUNK_FRAMES if chunk is None else chunk,
+        chunk_frames=default_chunk_frames(model, args.device) if chunk is None else chunk,
         tile=0 if tile is None else tile,
         tile_norm=args.tile_norm,
         device=args.device,
         dtype=dtype,
         progress=not args.quiet,
         tiling=getattr(args, "tiling", "halo"),
+        compile=args.compile,
     )
 
 
 def _check_fits_memory(args, model, height: int, width: int, dtype: torch.dtype) -> None:
     """Without ``--max-memory``: refuse, before starting, a run whose planned peak exceeds the memory
     available (instead of being killed half-way), naming the ``--max-memory`` that would fit."""
-    chunk = DEFAULT_CHUNK_FRAMES if args.chunk_frames is None else args.chunk_frames
+    chunk = default_chunk_frames(model, args.device) if args.chunk_frames is None else args.chunk_frames
     tile = args.tile or 0
     th, tw = (height, width) if tile == 0 else (min(tile, height), min(tile, width))
     if chunk == 0 or not hasattr(model.config, "channel_mult"):

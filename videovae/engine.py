@@ -22,6 +22,7 @@ rows/columns at the bottom/right (replicate) up to multiples of the spatial fact
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -67,6 +68,10 @@ class EngineOptions:
         ``tiling='official'``, each overrides one value of the config's official tiling: encode
         windows of ``1 + official_frames`` frames, decode windows of ``1 + official_decode_latents``
         latents, tiles of ``official_tile`` pixels, the overlap ratio (0 = untiled). None keeps it.
+    compile: ``none`` (eager, the definition of correct), or a ``torch.compile`` mode for the
+        per-chunk decode step: ``default``, or ``reduce-overhead`` (CUDA graphs on CUDA; outputs and
+        caches are copied out of the graph's buffers after each step). Chunks of one length reuse
+        one compiled graph, so the streaming loop compiles twice (first chunk, steady state).
     """
 
     chunk_frames: int = DEFAULT_CHUNK_FRAMES
@@ -82,6 +87,7 @@ class EngineOptions:
     official_decode_latents: int | None = None
     official_tile: int | None = None
     official_overlap: float | None = None
+    compile: str = "none"
 
     def official_tiling(self, model):
         """The model's official tiling with these options' overrides applied."""
@@ -94,6 +100,7 @@ class EngineOptions:
 
 
 TILINGS = ("halo", "official")
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 
 @dataclass
@@ -122,6 +129,10 @@ def check_options(model, opts: EngineOptions) -> None:
         raise ValueError(f"tiling must be one of {TILINGS}, got {opts.tiling!r}")
     if opts.tiling == "official" and not hasattr(model, "official_encode"):
         raise ValueError(f"{model.family} models have no official tiling (use tiling='halo')")
+    if opts.compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {opts.compile!r}")
+    if opts.compile != "none" and opts.tiling == "official":
+        raise ValueError("compile applies to the chunked decode step (tiling='halo'), not to official tiling")
     if opts.tile_norm not in TILE_NORMS:
         raise ValueError(f"tile_norm must be one of {TILE_NORMS}, got {opts.tile_norm!r}")
     if opts.chunk_frames < 0 or opts.chunk_frames % tf:
@@ -270,6 +281,7 @@ def _run_tiled(
             c.ramp_before * out_scale,
             c.ramp_after * out_scale,
         )
+        del y_tile, kept  # the next tile runs without this one's output held
     return normalize_canvas(canvas, weights).to(x.dtype)
 
 
@@ -406,6 +418,8 @@ def encode_chunks(model, chunks: Iterable[Tensor], opts: EngineOptions | None = 
         )
         chunk_moments, head_cache = model.encode_head(features, head_cache)
         moments.append(chunk_moments.float().cpu())
+        # drop this chunk's tensors before the source assembles the next chunk
+        del x, features, chunk_moments
         progress.update(1)
     progress.close()
     posterior = model.posterior(torch.cat(moments, dim=2))
@@ -439,15 +453,25 @@ def _chunk_bounds(length: int, chunk: int, first_extra: int = 1) -> list[tuple[i
 # --- decode ----------------------------------------------------------------------------------------
 
 
+def default_chunk_frames(model, device: str) -> int:
+    """Frames per chunk when the user names none: on CUDA one latent frame (``time_factor`` video
+    frames), so decode memory stays that of a streaming decoder while the GPU remains busy; on the
+    CPU :data:`DEFAULT_CHUNK_FRAMES`, where longer chunks cost no time and fewer calls less overhead."""
+    return model.time_factor if str(device).startswith("cuda") else DEFAULT_CHUNK_FRAMES
+
+
 def latent_chunk_frames(model, opts: EngineOptions) -> int:
     """Latent frames per decode chunk matching ``chunk_frames`` video frames."""
     return opts.chunk_frames // model.time_factor if opts.chunk_frames else 0
 
 
-@torch.no_grad()
 def decode_chunks(model, z: Tensor, opts: EngineOptions | None = None) -> Iterator[Tensor]:
     """Decode unscaled latents (1, z, T', h, w) chunk by chunk; yields float32 NCTHW chunks in
-    [-1, 1] (not clamped) of the padded clip, in order, on ``opts.device``."""
+    [-1, 1] (not clamped) of the padded clip, in order, on ``opts.device``.
+
+    Gradients are off inside each step only (not across the yields, which would switch them off in
+    the caller too), and no ``torch.no_grad()`` generator wrapper is used: it keeps the last yielded
+    chunk alive while the next one is computed."""
     opts = opts or EngineOptions()
     check_options(model, opts)
     if z.ndim != 5 or z.shape[0] != 1 or z.shape[1] != model.latent_channels:
@@ -455,17 +479,55 @@ def decode_chunks(model, z: Tensor, opts: EngineOptions | None = None) -> Iterat
     sf = model.space_factor
     if opts.tiling == "official":
         tiling = opts.official_tiling(model)
-        yield model.official_decode(z.to(opts.device, opts.dtype), tiling).float()
+        with torch.no_grad():
+            whole = model.official_decode(z.to(opts.device, opts.dtype), tiling).float()
+        yield whole
         return
     plan = plan_tiles(model, z.shape[-2], z.shape[-1], opts, encoder=False)
     tile_caches, stem_cache = _new_caches(opts, plan)
     bounds = _chunk_bounds(z.shape[2], latent_chunk_frames(model, opts))
     progress = _progress(opts, "decode", unit="chunk", total=len(bounds))
+    stem, body = decode_steps(model, opts.compile)
     for a, b in bounds:
-        features, stem_cache = model.decode_stem(z[:, :, a:b].to(opts.device, opts.dtype), stem_cache)
-        yield _run_tiled(model.decode_body, features, plan, tile_caches, 1, sf, _sync_norms(model, opts)).float()
+        with torch.no_grad():
+            features, stem_cache = stem(z[:, :, a:b].to(opts.device, opts.dtype), stem_cache)
+            chunk = _run_tiled(body, features, plan, tile_caches, 1, sf, _sync_norms(model, opts)).float()
+        del features  # only the caches carry over: the next chunk starts with nothing else held
+        yield chunk
+        del chunk
         progress.update(1)
     progress.close()
+
+
+def decode_steps(model, mode: str = "none"):
+    """``(stem, body)``: ``fn(x, cache) -> (y, cache)`` callables for ``model.decode_stem`` and
+    ``model.decode_body``, eager (``none``) or compiled with ``torch.compile(mode=mode)``.
+
+    The compiled functions are those of the model's class, shared by every instance and cached by
+    ``torch.compile`` itself (keyed by guards on the module and the shapes), so a second clip reuses
+    the compiled code and no reference to the model is kept."""
+    if mode == "none":
+        return model.decode_stem, model.decode_body
+    cls = type(model)
+    return (functools.partial(_compiled(cls.decode_stem, mode), model),
+            functools.partial(_compiled(cls.decode_body, mode), model))
+
+
+@functools.cache
+def _compiled(fn, mode: str):
+    compiled = torch.compile(fn, mode=mode, dynamic=False)
+    if mode != "reduce-overhead":
+        return compiled
+
+    def step(model, x: Tensor, cache):
+        # CUDA graphs replay into static buffers: start a new step, copy out what outlives it
+        torch.compiler.cudagraph_mark_step_begin()
+        y, cache = compiled(model, x, cache)
+        if cache is not None:
+            cache = CausalCache({k: v.clone() for k, v in cache.frames.items()}, cache.norm_sync)
+        return y.clone(), cache
+
+    return step
 
 
 def decode_tensor(model, z: Tensor, geometry: VideoGeometry | None = None, **options) -> Tensor:
@@ -553,7 +615,6 @@ def tokenize_tensor(model, video: Tensor, **options) -> TokenizeResult:
     return tokenize_chunks(model, [video], EngineOptions(**options))
 
 
-@torch.no_grad()
 def detokenize_chunks(model, tokens, opts: EngineOptions | None = None) -> Iterator[Tensor]:
     """Decode tokens chunk by chunk; yields float32 NCTHW chunks in [-1, 1] (not clamped) of the
     padded clip, in order. Without first-frame boost the dequantised latents go through
@@ -561,7 +622,8 @@ def detokenize_chunks(model, tokens, opts: EngineOptions | None = None) -> Itera
     carries frame 0's hi-res latent."""
     opts = opts or EngineOptions()
     _check_token_options(model, opts)
-    z, z_first = model.tokens_to_latents(tokens.to(opts.device))
+    with torch.no_grad():
+        z, z_first = model.tokens_to_latents(tokens.to(opts.device))
     if z_first is None:
         yield from decode_chunks(model, z.float().cpu(), opts)
         return
@@ -571,8 +633,11 @@ def detokenize_chunks(model, tokens, opts: EngineOptions | None = None) -> Itera
     for a, b in _chunk_bounds(1 + z.shape[2], step):
         first = z_first.to(opts.dtype) if a == 0 else None
         rest = z[:, :, max(a - 1, 0) : b - 1].to(opts.dtype)
-        y, cache = model.decode_parts_chunk(rest, cache, first)
-        yield y.float()
+        with torch.no_grad():
+            y, cache = model.decode_parts_chunk(rest, cache, first)
+            y = y.float()
+        yield y
+        del y
 
 
 def detokenize_frames(model, tokens, geometry: VideoGeometry, opts: EngineOptions | None = None) -> Iterator[Tensor]:

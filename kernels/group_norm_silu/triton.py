@@ -9,9 +9,10 @@ into segments over several programs when rows are few and long, to shifted sums 
 ``x``); ``group_norm_silu_fwd_combine_kernel`` merges the partials of each group into its mean and
 rstd with exact parallel variance combination (one program per statistic, no host-side glue); and
 ``group_norm_silu_fwd_kernel`` normalises, applies the affine and SiLU (one read, one write). The
-block size, split count and warps are tuned per shape on CUDA (a few candidates, timed once, cached). Backward: ``group_norm_silu_bwd_reduce_kernel`` reduces ``dz`` and
-``dz * xhat`` per row (these give ``dweight`` / ``dbias`` and the two group means of the input
-gradient) and ``group_norm_silu_bwd_kernel`` writes ``dx``.
+block size, split count and warps are tuned per shape on CUDA (a few candidates, timed once,
+cached). Backward: ``group_norm_silu_bwd_reduce_kernel`` reduces ``dz`` and ``dz * xhat`` per row
+(these give ``dweight`` / ``dbias`` and the two group means of the input gradient) and
+``group_norm_silu_bwd_kernel`` writes ``dx``.
 """
 
 from __future__ import annotations
