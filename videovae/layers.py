@@ -318,10 +318,15 @@ class ResBlock(nn.Module):
         self.nin_shortcut = make_conv(kind, cin, cout, 1, opts.time_pad) if cin != cout else None
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
-        h = apply_conv(self.conv1, self.norm1(x, silu=True, cache=cache), cache)
-        h = apply_conv(self.conv2, self.norm2(h, silu=True, cache=cache), cache)
+        # one name for the running activation: each intermediate is freed as soon as it is used
+        h = self.norm1(x, silu=True, cache=cache)
+        h = apply_conv(self.conv1, h, cache)
+        h = self.norm2(h, silu=True, cache=cache)
+        h = apply_conv(self.conv2, h, cache)
         skip = x if self.nin_shortcut is None else apply_conv(self.nin_shortcut, x, cache)
-        return skip + h, cache
+        # h first: the sum takes h's layout (frame-major after a per-frame conv), so the next
+        # block's norm and per-frame conv read it without a copy
+        return h + skip, cache
 
 
 def attention_backend() -> str:
@@ -411,7 +416,11 @@ class SpatialDownsample(nn.Module):
         self.conv = Conv2dPerFrame(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
-        return self.conv(F.pad(x, (0, 1, 0, 1))), cache
+        # pad the frame batch, which the 2D conv reads as is (padding the 5-D tensor would give a
+        # channel-major copy that the conv copies once more)
+        frames = F.pad(frames_to_batch(x), (0, 1, 0, 1))
+        y = F.conv2d(frames, self.conv.weight, self.conv.bias, stride=2)
+        return batch_to_frames(y, x.shape[0]), cache
 
 
 class SpatioTemporalDownsample(nn.Module):

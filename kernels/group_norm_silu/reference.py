@@ -8,6 +8,9 @@ float dtype; ``weight`` / ``bias`` are ``(C,)`` or ``None``. Statistics are bias
 * ``per_frame=False``: per ``(n, group)`` over ``(C / G, T, H, W)`` (``F.group_norm`` on the 5-D
   tensor, the CV-VAE / OD-VAE behaviour).
 
+A frame-major ``x`` (a contiguous ``(N, T, C, H, W)`` transposed to NCTHW, as per-frame 2D convs
+produce it) is normalised in that layout and the output keeps it; other inputs give contiguous output.
+
 Output has the dtype and shape of ``x``; values unbounded (``>= -0.2785`` after SiLU).
 """
 
@@ -40,6 +43,8 @@ def group_norm_silu_ref(
 ) -> torch.Tensor:
     """GroupNorm with per-frame or whole-clip statistics, then optional SiLU (see module doc)."""
     check_group_norm_args(x, weight, bias, num_groups)
+    if x.dim() == 5 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+        return _frame_major(x, weight, bias, num_groups, eps, per_frame, silu)
     if x.dim() == 4 or not per_frame or x.shape[2] == 1:
         if weight is not None and weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
@@ -69,3 +74,25 @@ def _per_frame(x, weight, bias, num_groups, eps, silu):
     if silu:
         y = F.silu(y, inplace=not y.requires_grad)
     return y.to(x.dtype)
+
+
+def _frame_major(x, weight, bias, num_groups, eps, per_frame, silu):
+    """Frame-major input (a contiguous ``(N, T, C, H, W)`` seen as NCTHW, what per-frame 2D convs
+    produce): normalised in that layout, so that neither this op nor the next per-frame conv copies
+    the tensor. Same statistics as above (per frame, or per clip over all T)."""
+    n, c, t, h, w = x.shape
+    g, cg = num_groups, c // num_groups
+    frames = x.transpose(1, 2)  # (n, t, c, h, w), contiguous
+    dims = (3, 4) if per_frame else (1, 3, 4)
+    var, mean = torch.var_mean(frames.reshape(n, t, g, cg, h * w).float(), dim=dims, keepdim=True, correction=0)
+    stats_t = t if per_frame else 1
+    rstd = torch.rsqrt(var + eps).expand(n, stats_t, g, cg, 1).reshape(n, stats_t, c, 1, 1)
+    mean = mean.expand(n, stats_t, g, cg, 1).reshape(n, stats_t, c, 1, 1)
+    scale = rstd if weight is None else rstd * weight.float().view(1, 1, c, 1, 1)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.float().view(1, 1, c, 1, 1)
+    y = torch.addcmul(shift, frames, scale)
+    if silu:
+        y = F.silu(y, inplace=not y.requires_grad)
+    return y.to(x.dtype).transpose(1, 2)

@@ -59,26 +59,40 @@ def group_norm_silu_fwd_partial_kernel(X, S1, S2, SHIFT, HW, SEG, SPLITS, BLOCK:
 @triton.jit
 def group_norm_silu_fwd_combine_kernel(
     S1, S2, SHIFT, MEAN, RSTD, HW, T, C, CG, G, SPLITS, eps,
-    PER_FRAME: tl.constexpr, BLOCK_R: tl.constexpr,
+    PER_FRAME: tl.constexpr, FRAME_MAJOR: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One statistic (``(n, g, t)`` per frame, ``(n, g)`` per clip): mean and ``rstd`` of its rows.
 
-    Rows of one group: ``(n * C + g * CG + j) * T + t`` for ``j < CG`` (per frame: stride ``T``,
-    ``CG`` rows) or the ``CG * T`` consecutive rows from ``(n * C + g * CG) * T`` (per clip). Row
-    moments are combined exactly (Chan et al.): ``M2 = sum(M2_r) + HW * sum((mean_r - mean)^2)``,
-    with the between-row term accumulated about the first row's mean for stability.
+    Row ``j`` of a group is ``first + (j % inner) * inner_stride + (j // inner) * outer_stride``:
+    channel-major (row ``(n * C + c) * T + t``) per frame ``CG`` rows of stride ``T``, per clip
+    ``CG * T`` consecutive rows; frame-major (row ``(n * T + t) * C + c``) per frame ``CG``
+    consecutive rows, per clip ``T`` runs of ``CG`` rows, ``C`` apart. Row moments are combined
+    exactly (Chan et al.): ``M2 = sum(M2_r) + HW * sum((mean_r - mean)^2)``, with the between-row
+    term accumulated about the first row's mean for stability.
     """
     stat = tl.program_id(0).to(tl.int64)
     if PER_FRAME:
         t = stat % T
         ng = stat // T
-        first = ((ng // G) * C + (ng % G) * CG) * T + t
-        stride = T
-        nrows = CG
     else:
-        first = ((stat // G) * C + (stat % G) * CG) * T
-        stride = 1
-        nrows = CG * T
+        t = stat * 0
+        ng = stat
+    n = ng // G
+    c0 = (ng % G) * CG
+    outer_stride = C
+    if FRAME_MAJOR:
+        first = (n * T + t) * C + c0
+        inner_stride = 1
+        inner = CG
+    elif PER_FRAME:
+        first = (n * C + c0) * T + t
+        inner_stride = T
+        inner = CG
+    else:
+        first = (n * C + c0) * T
+        inner_stride = 1
+        inner = CG * T
+    nrows = CG if PER_FRAME else CG * T
     s1_first = tl.load(S1 + first * SPLITS)
     for sp in range(1, SPLITS):
         s1_first += tl.load(S1 + first * SPLITS + sp)
@@ -89,7 +103,8 @@ def group_norm_silu_fwd_combine_kernel(
     for r0 in range(0, nrows, BLOCK_R):
         j = r0 + tl.arange(0, BLOCK_R)
         mask = j < nrows
-        rows = first + j.to(tl.int64) * stride
+        j = j.to(tl.int64)
+        rows = first + (j % inner) * inner_stride + (j // inner) * outer_stride
         s1 = tl.zeros([BLOCK_R], dtype=tl.float32)
         s2 = tl.zeros([BLOCK_R], dtype=tl.float32)
         for sp in range(0, SPLITS):
@@ -110,15 +125,20 @@ def group_norm_silu_fwd_combine_kernel(
 def group_norm_silu_fwd_kernel(
     X, Y, W, B, MEAN, RSTD, HW, T, C, CG, G,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PER_FRAME: tl.constexpr,
-    BLOCK: tl.constexpr,
+    FRAME_MAJOR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """``y = silu((x - mean) * rstd * w[c] + b[c])`` over one block of one row ``(n, c, t)``."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < HW
-    c = (row // T) % C
+    if FRAME_MAJOR:
+        c = row % C
+        t = (row // C) % T
+    else:
+        c = (row // T) % C
+        t = row % T
     ng = (row // (T * C)) * G + c // CG
-    stat = ng * T + row % T if PER_FRAME else ng
+    stat = ng * T + t if PER_FRAME else ng
     mean = tl.load(MEAN + stat)
     rstd = tl.load(RSTD + stat)
     x = tl.load(X + row * HW + offs, mask=mask, other=0.0).to(tl.float32)
@@ -239,7 +259,9 @@ def fwd_candidates(rows: int, hw: int, device: torch.device) -> list[FwdConfig]:
 
 
 def group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, config: FwdConfig | None = None):
-    """Forward host wrapper: ``x`` contiguous ``(N, C, T, H, W)``; returns ``(y, mean, rstd)``.
+    """Forward host wrapper: ``x`` ``(N, C, T, H, W)``, contiguous or frame-major (a contiguous
+    ``(N, T, C, H, W)`` transposed, as per-frame 2D convs produce it); ``y`` has the layout of ``x``.
+    Returns ``(y, mean, rstd)``.
 
     ``mean`` / ``rstd`` are fp32 ``(N, G, T)`` (per frame) or ``(N, G, 1)`` (per clip). Three
     launches: split row partials, one combine program per statistic, the normalising pass.
@@ -249,7 +271,8 @@ def group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, confi
     hw = h * w
     rows = n * c * t
     if config is None:
-        key = (x.device, "group_norm_silu_fwd", rows, hw, num_groups, t if per_frame else 0, x.dtype)
+        key = (x.device, "group_norm_silu_fwd", rows, hw, num_groups, t if per_frame else 0, x.dtype,
+               is_frame_major(x))
         config = autotune(
             key, fwd_candidates(rows, hw, x.device),
             lambda cfg: _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg),
@@ -257,7 +280,15 @@ def group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, confi
     return _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, config)
 
 
+def is_frame_major(x: torch.Tensor) -> bool:
+    """``(N, C, T, H, W)`` stored as a contiguous ``(N, T, C, H, W)`` (and not also contiguous)."""
+    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+
+
 def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg: FwdConfig):
+    frame_major = is_frame_major(x)
+    if not frame_major and not x.is_contiguous():
+        raise ValueError("group_norm_silu_fwd needs a contiguous or frame-major input")
     n, c, t, h, w = x.shape
     hw = h * w
     rows = n * c * t
@@ -275,14 +306,14 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg:
     cg = c // num_groups
     group_norm_silu_fwd_combine_kernel[(mean.numel(),)](
         s1, s2, shift, mean, rstd, hw, t, c, cg, num_groups, splits, eps,
-        PER_FRAME=per_frame, BLOCK_R=min(next_pow2(cg if per_frame else cg * t), 128),
+        PER_FRAME=per_frame, FRAME_MAJOR=frame_major, BLOCK_R=min(next_pow2(cg if per_frame else cg * t), 128),
     )
     y = torch.empty_like(x)
     group_norm_silu_fwd_kernel[(rows, triton.cdiv(hw, cfg.block))](
         x, y, weight if weight is not None else x, bias if bias is not None else x,
         mean, rstd, hw, t, c, cg, num_groups,
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PER_FRAME=per_frame,
-        BLOCK=cfg.block, num_warps=cfg.num_warps,
+        FRAME_MAJOR=frame_major, BLOCK=cfg.block, num_warps=cfg.num_warps,
     )
     return y, mean, rstd
 
@@ -323,11 +354,12 @@ def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups, per_frame, 
 
 
 class GroupNormSiLUFunction(torch.autograd.Function):
-    """Autograd wrapper around the forward / backward host functions (5-D contiguous input)."""
+    """Autograd wrapper around the forward / backward host functions (5-D input; frame-major input
+    is normalised in place of layout, anything else is made contiguous)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, per_frame, silu):
-        x = x.contiguous()
+        x = x if is_frame_major(x) else x.contiguous()
         weight, bias = as_contiguous(weight), as_contiguous(bias)
         y, mean, rstd = group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
@@ -339,7 +371,7 @@ class GroupNormSiLUFunction(torch.autograd.Function):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         num_groups, per_frame, silu = ctx.cfg
         dx, dweight, dbias = group_norm_silu_bwd(
-            dy.contiguous(), x, weight, bias, mean, rstd, num_groups, per_frame, silu
+            dy.contiguous(), x.contiguous(), weight, bias, mean, rstd, num_groups, per_frame, silu
         )
         dweight = dweight.to(weight.dtype) if dweight is not None and ctx.needs_input_grad[1] else None
         dbias = dbias.to(bias.dtype) if dbias is not None and ctx.needs_input_grad[2] else None

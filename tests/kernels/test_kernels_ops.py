@@ -121,6 +121,28 @@ def test_rms_norm_silu_block_sizes_agree(max_block_s, device, poison_empty):
         assert_close(y, rms_norm_silu_ref(xf, wf, None, 1e-12, True), F32, f"C={c}")
 
 
+@pytest.mark.parametrize("per_frame", [True, False])
+def test_group_norm_silu_keeps_a_frame_major_layout(per_frame, device, poison_empty):
+    """Per-frame 2D convs leave (N, T, C, H, W) memory seen as NCTHW: both implementations normalise
+    it in that layout (no copy) and return the same layout, with the values of the contiguous case."""
+    shape, groups = (2, 12, 3, 7, 9), 4
+    gen = seeded(shape, per_frame, "frame-major")
+    x, xf = make(shape, F32, device, gen, scale=2.0, shift=3.0)
+    w, wf = make((12,), F32, device, gen, shift=1.0)
+    b, bf = make((12,), F32, device, gen)
+    ref = group_norm_silu_ref(xf, wf, bf, groups, 1e-6, per_frame, True)
+    dy = torch.randn(shape, generator=gen).to(device)
+    want = grads(ref, (xf, wf, bf), dy.cpu())
+    frame_major = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    for fn in (gn_tr.group_norm_silu, group_norm_silu_ref):
+        y = fn(frame_major, w, b, groups, 1e-6, per_frame, True)
+        assert y.transpose(1, 2).is_contiguous() and not y.is_contiguous()
+        assert_close(y, ref, F32, f"{fn.__name__} output")
+        got = grads(y, (frame_major, w, b), dy)
+        for name, g, r in zip(("dx", "dweight", "dbias"), got, want, strict=True):
+            assert_close(g, r, F32, f"{fn.__name__} {name}")
+
+
 def test_fwd_candidates_are_valid_launches():
     for rows, hw in ((2560, 4096), (2176, 65536), (1, 7), (16, 1)):
         cands = gn_tr.fwd_candidates(rows, hw, torch.device("cpu"))

@@ -174,13 +174,12 @@ class _Stage(nn.Module):
         self.upsample: nn.Module | None = None
 
 
-def _run_blocks(blocks, x: Tensor, cache: CausalCache | None, use_checkpoint: bool) -> Tensor:
-    for block in blocks:
-        if use_checkpoint:
-            x = checkpoint(lambda t, b=block: b(t, None)[0], x, use_reentrant=False)
-        else:
-            x, cache = block(x, cache)
-    return x
+def _run_block(block, x: Tensor, cache: CausalCache | None, use_checkpoint: bool) -> Tensor:
+    """One block. Callers loop over blocks themselves and rebind their only reference to the input,
+    so that a stage's input is freed after its first block instead of living through the stage."""
+    if use_checkpoint:
+        return checkpoint(lambda t: block(t, None)[0], x, use_reentrant=False)
+    return block(x, cache)[0]
 
 
 class Encoder(nn.Module):
@@ -225,7 +224,8 @@ class Encoder(nn.Module):
             x = rearrange(x, "n c t (h p) (w q) -> n (c p q) t h w", p=self.patch_size, q=self.patch_size)
         h = apply_conv(self.conv_in, x, cache)
         for stage in self.down:
-            h = _run_blocks(stage.block, h, cache, ckpt)
+            for block in stage.block:
+                h = _run_block(block, h, cache, ckpt)
             if stage.downsample is not None:
                 h, cache = stage.downsample(h, cache)
         return h, cache
@@ -233,7 +233,7 @@ class Encoder(nn.Module):
     def head(self, h: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
         """Latent-resolution part: mid block (attention), norm_out, conv_out -> moments."""
         ckpt = self.gradient_checkpointing and self.training and cache is None
-        h = _run_blocks([self.mid], h, cache, ckpt)
+        h = _run_block(self.mid, h, cache, ckpt)
         return self.conv_out(self.norm_out(h, silu=True, cache=cache), cache)
 
 
@@ -277,13 +277,14 @@ class Decoder(nn.Module):
         """Latent-resolution part: conv_in and the mid block (attention) -> (N, C_max, T', h, w)."""
         ckpt = self.gradient_checkpointing and self.training and cache is None
         h, cache = self.conv_in(z, cache)
-        return _run_blocks([self.mid], h, cache, ckpt), cache
+        return _run_block(self.mid, h, cache, ckpt), cache
 
     def body(self, h: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
         """Up levels, norm_out, conv_out -> (N, 3, T, H, W)."""
         ckpt = self.gradient_checkpointing and self.training and cache is None
         for stage in reversed(self.up):
-            h = _run_blocks(stage.block, h, cache, ckpt)
+            for block in stage.block:
+                h = _run_block(block, h, cache, ckpt)
             if stage.upsample is not None:
                 h, cache = stage.upsample(h, cache)
         y, cache = self.conv_out(self.norm_out(h, silu=True, cache=cache), cache)
