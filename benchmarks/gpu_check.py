@@ -62,14 +62,20 @@ def package_path() -> str:
 def run_kernel_tests(env: dict, timeout: int) -> dict:
     cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-p", "no:cacheprovider"]
     start = time.time()
+    # PYTHONSAFEPATH: `python -m` would put the repository root first on the path, where `videovae/`
+    # lacks the mapped `kernels` folder; the shim (or the installed package) must win
+    env = {**env, "PYTHONSAFEPATH": "1"}
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"ok": False, "summary": f"timed out after {timeout} s", "seconds": timeout}
     lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
     failed = [line for line in lines if line.startswith("FAILED") or line.startswith("ERROR")]
-    return {"ok": done.returncode == 0, "summary": lines[-1] if lines else done.stderr[-500:], "failed": failed,
-            "seconds": time.time() - start}
+    result = {"ok": done.returncode == 0, "summary": lines[-1] if lines else done.stderr[-500:], "failed": failed,
+              "seconds": time.time() - start}
+    if done.returncode:
+        result["output_tail"] = (done.stdout + done.stderr)[-3000:]
+    return result
 
 
 def run_kernel_benchmark(env: dict, out: Path, timeout: int) -> dict:
@@ -124,9 +130,10 @@ def _model_rows(name: str, sizes: list[tuple[int, int]], device: str, dtype) -> 
         with torch.no_grad():
             for mode, options in modes.items():
                 opts = {**options, "device": device, "dtype": dtype}
-                encode_tensor(model, video[:, :, : 1 + tf], **opts)  # warm-up (cuDNN autotune, allocator)
+                # warm-up on the very shapes timed: cuDNN and kernel launch tuning, compilation, allocator
+                enc = encode_tensor(model, video, **opts)
+                decode_tensor(model, enc.mean, **opts)
                 enc, enc_s, enc_peak = _measure(lambda o=opts, v=video: encode_tensor(model, v, **o), cuda)
-                decode_tensor(model, enc.mean[:, :, :3], **opts)  # warm-up: both chunk lengths (compile)
                 dec, dec_s, dec_peak = _measure(lambda o=opts, e=enc: decode_tensor(model, e.mean, **o), cuda)
                 reference = dec if reference is None else reference
                 rows.append({"model": name, "frames": frames, "size": size, "mode": mode,
@@ -157,6 +164,8 @@ def markdown(report: dict) -> str:
     if tests:
         lines += ["## Kernel tests (CUDA)", "", f"{'passed' if tests['ok'] else 'FAILED'}: {tests['summary']}", ""]
         lines += [f"- {f}" for f in tests.get("failed", [])] + ([""] if tests.get("failed") else [])
+        if tests.get("output_tail"):
+            lines += ["```", tests["output_tail"], "```", ""]
     bench = report.get("kernel_benchmark")
     if bench:
         lines += ["## Kernel benchmark", "", "```", bench["text"].strip(), "```", ""]

@@ -48,8 +48,8 @@ def rms_norm_silu_fwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
 ):
     """One block of ``BLOCK_S`` positions of sample ``n``: norm over C, scale, affine, SiLU."""
-    n = tl.program_id(0).to(tl.int64)
-    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    n = tl.program_id(1).to(tl.int64)
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < S
     base = n * C * S
     if SINGLE:
@@ -111,8 +111,8 @@ def rms_norm_silu_bwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
 ):
     """Input gradient for one block of positions, plus per-program partial ``dw`` / ``db`` rows."""
-    n = tl.program_id(0).to(tl.int64)
-    sb = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)
+    sb = tl.program_id(0)
     offs_s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < S
     base = n * C * S
@@ -190,7 +190,8 @@ def _rms_norm_silu_fwd(x, weight, bias, eps, silu, max_block_s: int):
     block_c, block_s, single, num_warps = _launch_cfg(c, s, max_block_s)
     y = torch.empty_like(x)
     norm = torch.empty((n, s), device=x.device, dtype=torch.float32)
-    rms_norm_silu_fwd_kernel[(n, triton.cdiv(s, block_s))](
+    # position blocks on grid axis 0 (up to 2^31 - 1 programs; axis 1 allows only 65535)
+    rms_norm_silu_fwd_kernel[(triton.cdiv(s, block_s), n)](
         x, y, weight if weight is not None else x, bias if bias is not None else x, norm,
         c, s, float(c) ** 0.5, eps,
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
@@ -209,7 +210,7 @@ def rms_norm_silu_bwd(dy, x, weight, bias, norm, eps, silu):
     dx = torch.empty_like(x)
     dw_part = torch.empty((n * num_sb, c), device=x.device, dtype=torch.float32) if has_w else norm
     db_part = torch.empty((n * num_sb, c), device=x.device, dtype=torch.float32) if has_b else norm
-    rms_norm_silu_bwd_kernel[(n, num_sb)](
+    rms_norm_silu_bwd_kernel[(num_sb, n)](
         x, dy, dx, weight if has_w else x, bias if has_b else x, norm, dw_part, db_part,
         c, s, num_sb, float(c) ** 0.5, eps,
         HAS_W=has_w, HAS_B=has_b, SILU=silu,
