@@ -6,7 +6,9 @@
 3. the end-to-end table of ``od-vae`` and ``od-vae-stream`` (random weights, bf16): encode and
    decode time and peak ``torch.cuda.max_memory_allocated`` at 17x256x256 and 33x512x512, whole
    clip, one latent frame per chunk, 16-frame chunks, and 16-frame chunks with 256 px tiles; for
-   each decode also its PSNR against the whole-clip decode (exact streaming gives 100 dB).
+   each decode also its PSNR against the whole-clip decode (exact streaming gives 100 dB);
+4. the chunking accuracy in fp32 with TF32 off (bf16 rounding alone caps the PSNR of the table above
+   near 40 dB): PSNR of chunked and tiled decodes against the whole-clip decode at 17x256x256.
 
 Needs only torch, Triton, einops, safetensors, numpy and pytest: no PyAV, no DeepSpeed, nothing
 downloaded, and no installation (run from the repository root; the ``videovae`` package, with
@@ -145,6 +147,37 @@ def _model_rows(name: str, sizes: list[tuple[int, int]], device: str, dtype) -> 
     return rows
 
 
+def accuracy_rows(models: list[str], frames: int, size: int, device: str) -> list[dict]:
+    """fp32, TF32 off: PSNR of each chunked / tiled decode against the whole-clip decode of the same
+    latents (what chunking itself costs, without bf16 rounding)."""
+    import torch
+
+    from videovae.engine import decode_tensor, encode_tensor
+    from videovae.models import from_preset
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    try:
+        for name in models:
+            torch.manual_seed(0)
+            model = from_preset(name).eval().to(device)
+            plans = {"1 latent/chunk": {"chunk_frames": model.time_factor}, "16-frame chunks": {"chunk_frames": 16},
+                     "16-frame chunks, 128 px tiles": {"chunk_frames": 16, "tile": 128}}
+            video = torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+            with torch.no_grad():
+                latents = encode_tensor(model, video, device=device).mean
+                whole = decode_tensor(model, latents, device=device, chunk_frames=0)
+                for mode, options in plans.items():
+                    dec = decode_tensor(model, latents, device=device, **options)
+                    rows.append({"model": name, "frames": frames, "size": size, "mode": mode,
+                                 "psnr_vs_whole": _psnr(dec, whole)})
+            del model
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return rows
+
+
 def e2e_rows(models: list[str], sizes: list[tuple[int, int]], device: str, dtype_name: str) -> list[dict]:
     """Encode/decode time and peak memory through the engine, per model, size and mode."""
     import torch
@@ -176,6 +209,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['model']} | {r['frames']}x{r['size']}x{r['size']} {r['dtype']} | {r['mode']} | "
                      f"{r['encode_s']:.3f} | {r['encode_peak_gib']:.2f} | {r['decode_s']:.3f} | "
                      f"{r['decode_peak_gib']:.2f} | {r['decode_psnr_vs_whole']:.1f} |")
+    if report.get("accuracy"):
+        lines += ["", "## Chunking accuracy (fp32, TF32 off)", "", "| model | clip | mode | decode PSNR vs whole |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['frames']}x{r['size']}x{r['size']} | {r['mode']} | {r['psnr_vs_whole']:.1f} |"
+                  for r in report["accuracy"]]
     return "\n".join(lines) + "\n"
 
 
@@ -213,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     print("end to end ...", flush=True)
     if args.smoke:
         report["e2e"] = e2e_rows(["tiny"], [(9, 32)], "cpu", "float32")
+        report["accuracy"] = accuracy_rows(["tiny"], 9, 32, "cpu")
     else:
         report["e2e"] = e2e_rows(["od-vae-stream", "od-vae"], [(17, 256), (33, 512)], "cuda", "bfloat16")
+        print("chunking accuracy (fp32) ...", flush=True)
+        report["accuracy"] = accuracy_rows(["od-vae-stream", "od-vae"], 17, 256, "cuda")
     from videovae.fileutil import atomic_path
 
     with atomic_path(args.out / "gpu_check.json") as tmp:

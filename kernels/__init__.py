@@ -80,15 +80,19 @@ def group_norm_silu(
     eps: float = 1e-6,
     per_frame: bool = True,
     silu: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm + optional SiLU on ``(N, C, T, H, W)`` (or ``(N, C, H, W)``); differentiable.
 
     ``per_frame=True``: statistics per ``(n, group, t)`` over ``(C/G, H, W)``; ``False``: per
-    ``(n, group)`` over ``(C/G, T, H, W)``. fp32 statistics, output in ``x``'s dtype.
+    ``(n, group)`` over ``(C/G, T, H, W)``. fp32 statistics, output in ``x``'s dtype. ``out``
+    (inference only): an ``x``-shaped view with contiguous frames to write into, e.g. the frames of a
+    causal conv's time-padded input, so the normalised tensor is never a separate copy.
     """
     if _use_triton(x):
-        return _triton_impl("group_norm_silu").group_norm_silu(x, weight, bias, num_groups, eps, per_frame, silu)
-    return group_norm_silu_ref(x, weight, bias, num_groups, eps, per_frame, silu)
+        impl = _triton_impl("group_norm_silu")
+        return impl.group_norm_silu(x, weight, bias, num_groups, eps, per_frame, silu, out)
+    return group_norm_silu_ref(x, weight, bias, num_groups, eps, per_frame, silu, out)
 
 
 def rms_norm_silu(
@@ -97,14 +101,16 @@ def rms_norm_silu(
     bias: torch.Tensor | None = None,
     eps: float = 1e-12,
     silu: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Channel RMSNorm (Wan-2.1 form) + optional SiLU on ``(N, C, *spatial)``; differentiable.
 
-    ``y = x / max(||x||_2 over C, eps) * sqrt(C) * weight (+ bias)``, fp32 reduction.
+    ``y = x / max(||x||_2 over C, eps) * sqrt(C) * weight (+ bias)``, fp32 reduction. ``out``
+    (inference only, 5-D): an ``x``-shaped view with contiguous ``(T, H, W)`` per channel to write into.
     """
     if _use_triton(x):
-        return _triton_impl("rms_norm_silu").rms_norm_silu(x, weight, bias, eps, silu)
-    return rms_norm_silu_ref(x, weight, bias, eps, silu)
+        return _triton_impl("rms_norm_silu").rms_norm_silu(x, weight, bias, eps, silu, out)
+    return rms_norm_silu_ref(x, weight, bias, eps, silu, out)
 
 
 def blend_tile_(

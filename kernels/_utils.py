@@ -18,6 +18,16 @@ def as_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.contiguous()
 
 
+def check_frames_out(x: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` must be an ``x``-shaped tensor of ``x``'s dtype and device whose frames are contiguous."""
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be {tuple(x.shape)} {x.dtype} on {x.device}, got {tuple(out.shape)} "
+                         f"{out.dtype} on {out.device}")
+    h, w = x.shape[-2:]
+    if out.stride(-1) != 1 or out.stride(-2) != w or (out.dim() == 5 and out.stride(2) < h * w):
+        raise ValueError(f"out needs contiguous frames, got strides {out.stride()}")
+
+
 def prod(shape) -> int:
     """Product of a shape (1 for an empty shape)."""
     out = 1

@@ -7,6 +7,7 @@ import torch
 
 from videovae.engine import (
     DEFAULT_CHUNK_FRAMES,
+    MEMORY_FACTORS,
     EngineOptions,
     MemoryBudgetError,
     VideoGeometry,
@@ -239,6 +240,24 @@ def test_memory_budget_planning(tiny):
     assert small[1] > 0  # 1080p does not fit 6 GiB untiled
     with pytest.raises(MemoryBudgetError, match=r"does not fit a memory budget.*--max-memory \d"):
         plan_for_budget(tiny, 1080, 1920, 2**20, torch.float32)
+
+
+def test_memory_calibration_measures_a_run_against_the_planner_parts(tiny):
+    """``benchmarks/calibrate_memory.py`` (how ``MEMORY_FACTORS`` are set) measures a real run."""
+    import importlib.util
+    from pathlib import Path
+
+    from videovae.engine import estimate_peak_bytes, peak_parts
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "calibrate_memory.py"
+    spec = importlib.util.spec_from_file_location("calibrate_memory", path)
+    calibrate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calibrate)
+    run = calibrate.measure("tiny", "decode", 5, 32, 48, 4, 0)
+    assert run["family"] == "causal-vae" and run["growth"] >= 0
+    parts = peak_parts(tiny, 4, 32, 48, torch.float32, 32, 48)
+    assert (run["activations"], run["caches"], run["weights"]) == (parts.activations, parts.caches, parts.weights)
+    assert estimate_peak_bytes(tiny, 4, 32, 48, torch.float32, 32, 48) == parts.total(MEMORY_FACTORS["causal-vae"])
 
 
 def test_cache_bytes_per_pixel_counts_the_causal_state(tiny):

@@ -23,6 +23,10 @@ def test_smoke_run_writes_the_report(tmp_path):
     modes = {r["mode"] for r in report["e2e"]}
     assert modes == {"whole", "1 latent/chunk", "16-frame chunks", "16-frame chunks, 256 px tiles"}
     assert all(r["decode_psnr_vs_whole"] == 100.0 for r in report["e2e"])  # tiny streams exactly
+    assert {r["mode"] for r in report["accuracy"]} == {"1 latent/chunk", "16-frame chunks",
+                                                         "16-frame chunks, 128 px tiles"}
+    assert all(r["psnr_vs_whole"] == 100.0 for r in report["accuracy"])
+    assert "Chunking accuracy (fp32, TF32 off)" in (tmp_path / "gpu_check.md").read_text()
     assert "| tiny |" in (tmp_path / "gpu_check.md").read_text()
 
 

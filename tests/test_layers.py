@@ -175,3 +175,64 @@ def test_cpu_attention_in_query_blocks_equals_whole(monkeypatch):
     whole = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
     monkeypatch.setattr(layers, "CPU_ATTENTION_SCORE_BYTES", 2 * 700 * 4 * 64)  # 64 query rows per block
     torch.testing.assert_close(layers.single_head_attention(q, k, v), whole, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "norm_kind,time_pad", [("group_frame", "replicate"), ("group_clip", "zeros"), ("rms", "zeros")]
+)
+def test_forward_normed_writes_the_norm_into_the_conv_input(norm_kind, time_pad):
+    """Inference: conv(silu(norm(x))) with the normalised tensor written straight into the conv's
+    time-padded input (same storage, no separate copy) and the conv's old tail released before the
+    conv runs; whole clip and chunks give the plain composition's values."""
+    norm = _randomise(Norm(norm_kind, 8, groups=4))
+    conv = _randomise(CausalConv3d(8, 6, 3, time_pad=time_pad), seed=1)
+    conv.cache_key = "conv"
+    x = torch.randn(1, 8, 7, 6, 5) * 2 + 1
+    seen = {}
+
+    def record_out(module, args, kwargs):
+        seen["out"] = kwargs.get("out")
+
+    def record_input(module, args):
+        seen["input"] = args[0]
+        seen["tail_at_conv_time"] = seen["cache"].get("conv") if seen.get("cache") is not None else None
+
+    norm.register_forward_pre_hook(record_out, with_kwargs=True)
+    conv.conv.register_forward_pre_hook(record_input)
+
+    def plain(chunk, cache):
+        return conv(norm(chunk, silu=True), cache)
+
+    for sizes in ([7], [1, 2, 4]):
+        want_cache, got_cache = CausalCache(), CausalCache()
+        start = 0
+        for size in sizes:
+            chunk = x[:, :, start : start + size]
+            start += size
+            with torch.no_grad():
+                want, want_cache = plain(chunk, want_cache)
+                seen["cache"] = got_cache
+                got, got_cache = conv.forward_normed(norm, chunk, got_cache)
+            assert seen["out"].untyped_storage().data_ptr() == seen["input"].untyped_storage().data_ptr()
+            assert seen["tail_at_conv_time"] is None
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got_cache.get("conv"), want_cache.get("conv"), atol=1e-5, rtol=0)
+
+
+def test_forward_normed_with_gradients_is_the_plain_composition():
+    norm = _randomise(Norm("group_frame", 8, groups=4))
+    conv = _randomise(CausalConv3d(8, 6, 3), seed=1)
+    x = torch.randn(1, 8, 5, 6, 5, requires_grad=True)
+    got, _ = conv.forward_normed(norm, x)
+    want, _ = conv(norm(x, silu=True))
+    torch.testing.assert_close(got, want)
+    (gx,) = torch.autograd.grad(got.square().sum(), x)
+    (wx,) = torch.autograd.grad(want.square().sum(), x)
+    torch.testing.assert_close(gx, wx)
+
+
+@pytest.mark.parametrize("spatial_pad", [None, (0, 1, 0, 1)])
+def test_causal_conv_pads_space_itself_only_when_symmetric(spatial_pad):
+    conv = CausalConv3d(2, 3, 3, 1 if spatial_pad is None else 2, spatial_pad=spatial_pad)
+    assert conv.conv_pads_space == (spatial_pad is None)
+    assert conv.conv.padding == ((0, 1, 1) if spatial_pad is None else (0, 0, 0))

@@ -670,12 +670,14 @@ def parse_size(text: str) -> int:
 
 # Working tensors per conv block (input, normalised copy, padded copy, conv output, residual sum).
 _LIVE_TENSORS = 5
-# Measured peak over the estimate below, per family: on the CPU in fp32, the largest ratio of peak
-# RSS growth to the unscaled estimate over whole-frame and tiled, encode and decode runs of each
-# family's small presets at 360x640, plus 10% (``python benchmarks/calibrate_memory.py``). Causal
-# caches of every conv, GroupNorm copies and the blend canvas are what the plain count misses.
-MEMORY_FACTORS = {"causal-vae": 4.5, "cv-vae": 3.4, "onevae": 7.5}
-# Families not measured (od-vae) take the largest factor.
+# Measured peak over the estimate below, per family: on the CPU in fp32, the largest factor
+# ``(peak RSS growth - caches - weights) / activations`` (``peak_parts``) over whole-clip, chunked
+# and tiled encode and decode runs, plus 10% (``python benchmarks/calibrate_memory.py``): causal-vae,
+# cv-vae and onevae from their small presets at 360x640 (set before the norm-into-padded-input change
+# lowered peaks, so conservative: tiny now measures 2.66); od-vae from ``od-vae`` at 9x192x320
+# (largest 1.38, chunked decode), whose caches and weights the parts already count in full.
+MEMORY_FACTORS = {"causal-vae": 4.5, "cv-vae": 3.4, "onevae": 7.5, "od-vae": 1.5}
+# Families not measured take the largest factor.
 _FALLBACK_MEMORY_FACTOR = max(MEMORY_FACTORS.values())
 # Frames a caller holds besides the chunk (the CLI reads 16-frame uint8 chunks and converts them).
 IO_FRAMES = 16
@@ -687,16 +689,26 @@ def _require_memory_model(model) -> None:
                                 "--chunk-frames and --tile instead")
 
 
-def estimate_peak_bytes(
+@dataclass(frozen=True)
+class PeakParts:
+    """The parts of a planned peak, in bytes: ``activations`` (tile or latent-resolution
+    activations and the output canvas, before the family's factor), every tile's ``caches``, the
+    ``weights`` and the caller's frame buffers (``io``)."""
+
+    activations: int
+    caches: int
+    weights: int
+    io: int
+
+    def total(self, factor: float) -> int:
+        return int(factor * self.activations) + self.caches + self.weights + self.io
+
+
+def peak_parts(
     model, chunk_frames: int, tile_h: int, tile_w: int, dtype: torch.dtype, frame_h: int, frame_w: int,
     cache_per_pixel: float | None = None,
-) -> int:
-    """Peak memory of encoding or decoding one chunk of ``1 + chunk_frames`` video frames: the tiled
-    part on a ``tile_h`` x ``tile_w`` tile, the untiled latent-resolution part (mid blocks with
-    attention) on the whole ``frame_h`` x ``frame_w`` frame and the output canvas, scaled by the
-    family's measured :data:`MEMORY_FACTORS`, plus every tile's causal state
-    (``cache_per_pixel``: :func:`cache_bytes_per_pixel`, measured when not given), the weights and
-    the caller's frame buffers."""
+) -> PeakParts:
+    """The parts of :func:`estimate_peak_bytes` (same arguments), unscaled."""
     _require_memory_model(model)
     cfg = model.config
     item = torch.empty((), dtype=dtype).element_size()
@@ -716,7 +728,6 @@ def estimate_peak_bytes(
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     canvas = 3 * frames * frame_h * frame_w * 4 * 2  # float32 canvas of the whole frame + its uint8/normalised copy
     io = IO_FRAMES * frame_h * frame_w * 3 * 5  # uint8 frames and their float32 copy
-    factor = MEMORY_FACTORS.get(model.family, _FALLBACK_MEMORY_FACTOR)
     # every tile's causal state lives at once, halos included
     sf = model.space_factor
     radius = max(model.encoder_receptive_radius(), model.decoder_receptive_radius())
@@ -726,8 +737,22 @@ def estimate_peak_bytes(
         overlap = min(tile_h + 2 * halo, frame_h) * min(tile_w + 2 * halo, frame_w) / (tile_h * tile_w)
     if cache_per_pixel is None:
         cache_per_pixel = cache_bytes_per_pixel(model, dtype)
-    caches = cache_per_pixel * frame_h * frame_w * overlap
-    return int(factor * (max(peak, untiled) + canvas) + caches) + weights + io
+    caches = int(cache_per_pixel * frame_h * frame_w * overlap)
+    return PeakParts(max(peak, untiled) + canvas, caches, weights, io)
+
+
+def estimate_peak_bytes(
+    model, chunk_frames: int, tile_h: int, tile_w: int, dtype: torch.dtype, frame_h: int, frame_w: int,
+    cache_per_pixel: float | None = None,
+) -> int:
+    """Peak memory of encoding or decoding one chunk of ``1 + chunk_frames`` video frames: the tiled
+    part on a ``tile_h`` x ``tile_w`` tile, the untiled latent-resolution part (mid blocks with
+    attention) on the whole ``frame_h`` x ``frame_w`` frame and the output canvas, scaled by the
+    family's measured :data:`MEMORY_FACTORS`, plus every tile's causal state
+    (``cache_per_pixel``: :func:`cache_bytes_per_pixel`, measured when not given), the weights and
+    the caller's frame buffers."""
+    parts = peak_parts(model, chunk_frames, tile_h, tile_w, dtype, frame_h, frame_w, cache_per_pixel)
+    return parts.total(MEMORY_FACTORS.get(model.family, _FALLBACK_MEMORY_FACTOR))
 
 
 @torch.no_grad()

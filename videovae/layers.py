@@ -103,6 +103,11 @@ class CausalCache:
     def set(self, key: str, value: Tensor) -> None:
         self.frames[key] = value
 
+    def take(self, key: str) -> Tensor | None:
+        """Remove and return an entry: a conv's old tail is freed once its padded input holds it,
+        before the new tail is kept (two tails of one conv never live at once)."""
+        return self.frames.pop(key, None)
+
     def fork(self, norm_sync: NormSync | None) -> CausalCache:
         """A copy whose updates do not reach this cache (entries are replaced, never mutated)."""
         return CausalCache(dict(self.frames), norm_sync)
@@ -174,11 +179,20 @@ class CausalConv3d(CausalModule):
         self.stride_t = _triple(stride)[0]
         # (left, right, top, bottom) zero padding of H and W
         self.spatial_pad = (kw // 2, kw // 2, kh // 2, kh // 2) if spatial_pad is None else tuple(spatial_pad)
-        self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride, padding=0, bias=bias, groups=groups)
+        left, right, top, bottom = self.spatial_pad
+        # Symmetric zero padding is the convolution's own (no padded copy of the input); only
+        # asymmetric padding (before stride-2 downsamplers) is written out by this module.
+        self.conv_pads_space = left == right and top == bottom
+        self.outer_pad = (0, 0, 0, 0) if self.conv_pads_space else self.spatial_pad
+        padding = (0, top, left) if self.conv_pads_space else 0
+        self.conv = nn.Conv3d(
+            in_channels, out_channels, (kt, kh, kw), stride, padding=padding, bias=bias, groups=groups
+        )
 
     def _pad(self, x: Tensor, tail: Tensor | None) -> Tensor:
-        """Time padding (cached tail, or first-frame copies / zeros at clip start) and spatial zeros."""
-        left, right, top, bottom = self.spatial_pad
+        """Time padding (cached tail, or first-frame copies / zeros at clip start) and the spatial
+        zeros the convolution does not add itself."""
+        left, right, top, bottom = self.outer_pad
         pad_t = self.kernel_t - 1
         if left == right and top == bottom and (tail is None or tail.shape[2] == pad_t):
             # fused single write of the padded buffer (videovae.kernels.causal_pad3d)
@@ -192,21 +206,62 @@ class CausalConv3d(CausalModule):
         return F.pad(padded, (left, right, top, bottom, 0, 0))
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
+        tail = cache.take(self.cache_key) if cache is not None else None
+        return self._run_padded(self._pad(x, tail), x.shape[2], cache)
+
+    def forward_normed(
+        self, norm: Norm, x: Tensor, cache: CausalCache | None = None
+    ) -> tuple[Tensor, CausalCache | None]:
+        """``self(norm(x, silu=True), cache)``. In inference the normalised tensor is written straight
+        into the time-padded input buffer, so it never exists as a separate copy (the peak of a
+        residual block drops by one activation); with gradients it is the plain composition."""
+        pad_t = self.kernel_t - 1
         tail = cache.get(self.cache_key) if cache is not None else None
-        padded = self._pad(x, tail)
+        fusable = (
+            not torch.is_grad_enabled()
+            and not _capturing_graph()
+            and self.conv_pads_space
+            and x.dim() == 5
+            and (tail is None or tail.shape[2] == pad_t)
+        )
+        if not fusable:
+            return self(norm(x, silu=True, cache=cache), cache)
+        if cache is not None:
+            cache.take(self.cache_key)
+        n, c, t, h, w = x.shape
+        padded = x.new_empty(n, c, pad_t + t, h, w)
+        norm(x, silu=True, cache=cache, out=padded[:, :, pad_t:])
+        head = padded[:, :, :pad_t]
+        if tail is not None:
+            head.copy_(tail)
+        elif self.time_pad == "replicate":
+            head.copy_(padded[:, :, pad_t : pad_t + 1].expand_as(head))
+        else:
+            head.zero_()
+        del tail
+        return self._run_padded(padded, t, cache)
+
+    def _run_padded(self, padded: Tensor, frames: int, cache: CausalCache | None) -> tuple[Tensor, CausalCache | None]:
+        """Convolve the time-padded input of a ``frames``-frame chunk; keep the next chunk's tail."""
         if padded.shape[2] < self.kernel_t:
             raise ValueError(
-                f"{self.cache_key or 'CausalConv3d'}: chunk of {x.shape[2]} frames is too short for "
+                f"{self.cache_key or 'CausalConv3d'}: chunk of {frames} frames is too short for "
                 f"kernel {self.kernel_t} / stride {self.stride_t}"
             )
         y = self.conv(padded)
         if cache is not None and (self.kernel_t > 1 or self.stride_t > 1):
             # keep the time-padded input frames from the first one the next output needs
-            left, right, top, bottom = self.spatial_pad
+            left, right, top, bottom = self.outer_pad
             h, w = padded.shape[3:]
             consumed = y.shape[2] * self.stride_t
             cache.set(self.cache_key, padded[:, :, consumed:, top : h - bottom, left : w - right].detach().clone())
         return y, cache
+
+
+def _capturing_graph() -> bool:
+    """Whether torch.compile, torch.export or TorchScript tracing is capturing a graph: they get the
+    plain composition (compilers plan buffers themselves; writes into slices export badly)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 class Conv2dPerFrame(nn.Conv2d):
@@ -239,9 +294,13 @@ class Norm(CausalModule):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x: Tensor, silu: bool = False, cache: CausalCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, silu: bool = False, cache: CausalCache | None = None, out: Tensor | None = None
+    ) -> Tensor:
+        """Normalise ``x`` (N, C, T, H, W); ``out`` (inference only): an ``x``-shaped view with
+        contiguous frames that receives the result (see :meth:`CausalConv3d.forward_normed`)."""
         if self.kind == "rms":
-            return rms_norm_silu(x, self.weight, self.bias, eps=self.eps, silu=silu)
+            return rms_norm_silu(x, self.weight, self.bias, eps=self.eps, silu=silu, out=out)
         per_frame = self.kind == "group_frame"
         sync = cache.norm_sync if cache is not None else None
         if sync is not None:
@@ -249,8 +308,11 @@ class Norm(CausalModule):
                 sync.add(self.cache_key, x, self.groups, per_frame)
             stats = sync.stats_for(self.cache_key)
             if stats is not None:
-                return self._normalise_with(x, *stats, silu)
-        return group_norm_silu(x, self.weight, self.bias, self.groups, eps=self.eps, per_frame=per_frame, silu=silu)
+                y = self._normalise_with(x, *stats, silu)
+                return y if out is None else out.copy_(y)
+        return group_norm_silu(
+            x, self.weight, self.bias, self.groups, eps=self.eps, per_frame=per_frame, silu=silu, out=out
+        )
 
     def _normalise_with(self, x: Tensor, mean: Tensor, var: Tensor, silu: bool) -> Tensor:
         """GroupNorm with given statistics: mean/var (N, G, T) per frame or (N, G) per clip."""
@@ -286,6 +348,14 @@ def apply_conv(conv: nn.Module, x: Tensor, cache: CausalCache | None) -> Tensor:
     return conv(x)
 
 
+def norm_silu_conv(norm: Norm, conv: nn.Module, x: Tensor, cache: CausalCache | None) -> Tensor:
+    """``conv(silu(norm(x)))`` for a conv made by :func:`make_conv`; causal 3D convs take the
+    normalised tensor straight into their padded input (:meth:`CausalConv3d.forward_normed`)."""
+    if isinstance(conv, CausalConv3d):
+        return conv.forward_normed(norm, x, cache)[0]
+    return conv(norm(x, silu=True, cache=cache))
+
+
 @dataclass(frozen=True)
 class LayerOptions:
     """Options every block of one model shares."""
@@ -319,14 +389,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
         # one name for the running activation: each intermediate is freed as soon as it is used
-        h = self.norm1(x, silu=True, cache=cache)
-        h = apply_conv(self.conv1, h, cache)
-        h = self.norm2(h, silu=True, cache=cache)
-        h = apply_conv(self.conv2, h, cache)
+        h = norm_silu_conv(self.norm1, self.conv1, x, cache)
+        h = norm_silu_conv(self.norm2, self.conv2, h, cache)
         skip = x if self.nin_shortcut is None else apply_conv(self.nin_shortcut, x, cache)
-        # h first: the sum takes h's layout (frame-major after a per-frame conv), so the next
+        # in place into h (a conv output, which no backward needs): no third activation-sized
+        # tensor, and the sum keeps h's layout (frame-major after a per-frame conv), so the next
         # block's norm and per-frame conv read it without a copy
-        return h + skip, cache
+        return h.add_(skip), cache
 
 
 def attention_backend() -> str:

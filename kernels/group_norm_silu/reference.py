@@ -11,13 +11,17 @@ float dtype; ``weight`` / ``bias`` are ``(C,)`` or ``None``. Statistics are bias
 A frame-major ``x`` (a contiguous ``(N, T, C, H, W)`` transposed to NCTHW, as per-frame 2D convs
 produce it) is normalised in that layout and the output keeps it; other inputs give contiguous output.
 
-Output has the dtype and shape of ``x``; values unbounded (``>= -0.2785`` after SiLU).
+Output has the dtype and shape of ``x``; values unbounded (``>= -0.2785`` after SiLU). With ``out``
+(inference only) the result is written into that ``x``-shaped view, whose frames must be contiguous
+(e.g. the frames of a causal conv's time-padded input buffer), and ``out`` is returned.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .._utils import check_frames_out
 
 
 def check_group_norm_args(x: torch.Tensor, weight, bias, num_groups: int) -> None:
@@ -40,9 +44,12 @@ def group_norm_silu_ref(
     eps: float = 1e-6,
     per_frame: bool = True,
     silu: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm with per-frame or whole-clip statistics, then optional SiLU (see module doc)."""
     check_group_norm_args(x, weight, bias, num_groups)
+    if out is not None:
+        return _into(x, weight, bias, num_groups, eps, per_frame, silu, out)
     if x.dim() == 5 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
         return _frame_major(x, weight, bias, num_groups, eps, per_frame, silu)
     if x.dim() == 4 or not per_frame or x.shape[2] == 1:
@@ -61,19 +68,28 @@ def _per_frame(x, weight, bias, num_groups, eps, silu):
 
     Equal (to rounding) to ``F.group_norm(x.transpose(1, 2).reshape(N*T, C, H, W), ...)`` folded back.
     """
-    n, c, t, h, w = x.shape
-    g, cg = num_groups, c // num_groups
-    var, mean = torch.var_mean(x.reshape(n, g, cg, t, h * w).float(), dim=(2, 4), keepdim=True, correction=0)
-    rstd = torch.rsqrt(var + eps).expand(n, g, cg, t, 1).reshape(n, c, t, 1, 1)
-    mean = mean.expand(n, g, cg, t, 1).reshape(n, c, t, 1, 1)
-    scale = rstd if weight is None else rstd * weight.float().view(1, c, 1, 1, 1)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.float().view(1, c, 1, 1, 1)
+    scale, shift = _scale_shift(x, weight, bias, num_groups, eps, per_frame=True)
     y = torch.addcmul(shift, x, scale)
     if silu:
         y = F.silu(y, inplace=not y.requires_grad)
     return y.to(x.dtype)
+
+
+def _scale_shift(x, weight, bias, num_groups, eps, per_frame):
+    """fp32 ``(scale, shift)`` of shape ``(N, C, T or 1, 1, 1)`` with ``norm(x) = x * scale + shift``
+    for a contiguous ``x``: statistics per frame, or per clip over all T."""
+    n, c, t, h, w = x.shape
+    g, cg = num_groups, c // num_groups
+    dims = (2, 4) if per_frame else (2, 3, 4)
+    var, mean = torch.var_mean(x.reshape(n, g, cg, t, h * w).float(), dim=dims, keepdim=True, correction=0)
+    stats_t = t if per_frame else 1
+    rstd = torch.rsqrt(var + eps).expand(n, g, cg, stats_t, 1).reshape(n, c, stats_t, 1, 1)
+    mean = mean.expand(n, g, cg, stats_t, 1).reshape(n, c, stats_t, 1, 1)
+    scale = rstd if weight is None else rstd * weight.float().view(1, c, 1, 1, 1)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.float().view(1, c, 1, 1, 1)
+    return scale, shift
 
 
 def _frame_major(x, weight, bias, num_groups, eps, per_frame, silu):
@@ -96,3 +112,22 @@ def _frame_major(x, weight, bias, num_groups, eps, per_frame, silu):
     if silu:
         y = F.silu(y, inplace=not y.requires_grad)
     return y.to(x.dtype).transpose(1, 2)
+
+
+def _into(x, weight, bias, num_groups, eps, per_frame, silu, out):
+    """``out``-writing form: fp32 statistics of ``x`` (per frame, or per clip over all T), then one
+    ``addcmul`` straight into an fp32 ``out`` (other dtypes: frame by frame through an fp32 frame)."""
+    if x.dim() != 5 or (torch.is_grad_enabled() and x.requires_grad):
+        raise ValueError("group_norm_silu(out=...) takes a 5-D input and does not record gradients")
+    check_frames_out(x, out)
+    x = x.contiguous()
+    scale, shift = _scale_shift(x, weight, bias, num_groups, eps, per_frame)
+    stats_t = scale.shape[2]
+    if out.dtype == torch.float32:
+        torch.addcmul(shift, x, scale, out=out)
+        return F.silu(out, inplace=True) if silu else out
+    for i in range(x.shape[2]):
+        s = min(i, stats_t - 1)
+        y = torch.addcmul(shift[:, :, s], x[:, :, i], scale[:, :, s])
+        out[:, :, i].copy_(F.silu(y, inplace=True) if silu else y)
+    return out

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import as_contiguous, autotune, cdiv, multiprocessor_count, next_pow2
+from .._utils import as_contiguous, autotune, cdiv, check_frames_out, multiprocessor_count, next_pow2
 from .reference import check_group_norm_args
 
 
@@ -123,11 +123,12 @@ def group_norm_silu_fwd_combine_kernel(
 
 @triton.jit
 def group_norm_silu_fwd_kernel(
-    X, Y, W, B, MEAN, RSTD, HW, T, C, CG, G,
+    X, Y, W, B, MEAN, RSTD, HW, T, C, CG, G, Y_SN, Y_SC, Y_ST,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PER_FRAME: tl.constexpr,
     FRAME_MAJOR: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """``y = silu((x - mean) * rstd * w[c] + b[c])`` over one block of one row ``(n, c, t)``."""
+    """``y = silu((x - mean) * rstd * w[c] + b[c])`` over one block of one row ``(n, c, t)``; ``y``
+    is written at ``n * Y_SN + c * Y_SC + t * Y_ST`` (any layout whose frames are contiguous)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < HW
@@ -137,7 +138,8 @@ def group_norm_silu_fwd_kernel(
     else:
         c = (row // T) % C
         t = row % T
-    ng = (row // (T * C)) * G + c // CG
+    n = row // (T * C)
+    ng = n * G + c // CG
     stat = ng * T + t if PER_FRAME else ng
     mean = tl.load(MEAN + stat)
     rstd = tl.load(RSTD + stat)
@@ -149,7 +151,7 @@ def group_norm_silu_fwd_kernel(
         z = z + tl.load(B + c).to(tl.float32)
     if SILU:
         z = z * tl.sigmoid(z)
-    tl.store(Y + row * HW + offs, z.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + n * Y_SN + c * Y_SC + t * Y_ST + offs, z.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -258,10 +260,13 @@ def fwd_candidates(rows: int, hw: int, device: torch.device) -> list[FwdConfig]:
     return out
 
 
-def group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, config: FwdConfig | None = None):
+def group_norm_silu_fwd(
+    x, weight, bias, num_groups, eps, per_frame, silu, config: FwdConfig | None = None, out=None
+):
     """Forward host wrapper: ``x`` ``(N, C, T, H, W)``, contiguous or frame-major (a contiguous
-    ``(N, T, C, H, W)`` transposed, as per-frame 2D convs produce it); ``y`` has the layout of ``x``.
-    Returns ``(y, mean, rstd)``.
+    ``(N, T, C, H, W)`` transposed, as per-frame 2D convs produce it); ``y`` has the layout of ``x``,
+    or is ``out`` (written in place: any ``x``-shaped view whose frames are contiguous, e.g. the
+    frames of a causal conv's time-padded input). Returns ``(y, mean, rstd)``.
 
     ``mean`` / ``rstd`` are fp32 ``(N, G, T)`` (per frame) or ``(N, G, 1)`` (per clip). Three
     launches: split row partials, one combine program per statistic, the normalising pass.
@@ -275,9 +280,9 @@ def group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, confi
                is_frame_major(x))
         config = autotune(
             key, fwd_candidates(rows, hw, x.device),
-            lambda cfg: _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg),
+            lambda cfg: _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg, out),
         )
-    return _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, config)
+    return _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, config, out)
 
 
 def is_frame_major(x: torch.Tensor) -> bool:
@@ -285,7 +290,7 @@ def is_frame_major(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
 
 
-def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg: FwdConfig):
+def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg: FwdConfig, out=None):
     frame_major = is_frame_major(x)
     if not frame_major and not x.is_contiguous():
         raise ValueError("group_norm_silu_fwd needs a contiguous or frame-major input")
@@ -308,10 +313,14 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg:
         s1, s2, shift, mean, rstd, hw, t, c, cg, num_groups, splits, eps,
         PER_FRAME=per_frame, FRAME_MAJOR=frame_major, BLOCK_R=min(next_pow2(cg if per_frame else cg * t), 128),
     )
-    y = torch.empty_like(x)
+    if out is None:
+        y = torch.empty_like(x)
+    else:
+        check_frames_out(x, out)
+        y = out
     group_norm_silu_fwd_kernel[(rows, triton.cdiv(hw, cfg.block))](
         x, y, weight if weight is not None else x, bias if bias is not None else x,
-        mean, rstd, hw, t, c, cg, num_groups,
+        mean, rstd, hw, t, c, cg, num_groups, y.stride(0), y.stride(1), y.stride(2),
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PER_FRAME=per_frame,
         FRAME_MAJOR=frame_major, BLOCK=cfg.block, num_warps=cfg.num_warps,
     )
@@ -386,9 +395,16 @@ def group_norm_silu(
     eps: float = 1e-6,
     per_frame: bool = True,
     silu: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton GroupNorm + SiLU; same contract as :func:`..reference.group_norm_silu_ref`."""
     check_group_norm_args(x, weight, bias, num_groups)
+    if out is not None:
+        if x.dim() != 5 or (torch.is_grad_enabled() and x.requires_grad):
+            raise ValueError("group_norm_silu(out=...) takes a 5-D input and does not record gradients")
+        x = x if is_frame_major(x) else x.contiguous()
+        group_norm_silu_fwd(x, as_contiguous(weight), as_contiguous(bias), num_groups, eps, per_frame, silu, out=out)
+        return out
     if x.dim() == 4:
         return GroupNormSiLUFunction.apply(x.unsqueeze(2), weight, bias, num_groups, eps, True, silu).squeeze(2)
     return GroupNormSiLUFunction.apply(x, weight, bias, num_groups, eps, per_frame, silu)

@@ -6,13 +6,17 @@ normalised as in the Wan-2.1 VAE ``RMS_norm``::
 
     y = x / max(||x||_2 over C, eps) * sqrt(C) * weight[c] (+ bias[c]),  then optional SiLU
 
-The reduction runs in fp32; the output has the dtype and shape of ``x``.
+The reduction runs in fp32; the output has the dtype and shape of ``x``. With ``out`` (inference
+only, 5-D) the result is written into that ``x``-shaped view, whose frames must be contiguous (e.g.
+the frames of a causal conv's time-padded input buffer), and ``out`` is returned.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .._utils import check_frames_out
 
 
 def check_rms_norm_args(x: torch.Tensor, weight, bias) -> None:
@@ -25,6 +29,13 @@ def check_rms_norm_args(x: torch.Tensor, weight, bias) -> None:
             raise ValueError(f"{name} must have {c} elements, got shape {tuple(p.shape)}")
 
 
+def check_out_call(x: torch.Tensor, out: torch.Tensor) -> None:
+    """``out=`` takes a 5-D input, records no gradient, and needs an ``x``-shaped, frame-contiguous view."""
+    if x.dim() != 5 or (torch.is_grad_enabled() and x.requires_grad):
+        raise ValueError("rms_norm_silu(out=...) takes a 5-D input and does not record gradients")
+    check_frames_out(x, out)
+
+
 def _per_channel(p: torch.Tensor, ndim: int) -> torch.Tensor:
     return p.reshape((1, -1) + (1,) * (ndim - 2))
 
@@ -35,9 +46,15 @@ def rms_norm_silu_ref(
     bias: torch.Tensor | None = None,
     eps: float = 1e-12,
     silu: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``silu(F.normalize(x, dim=1, eps=eps) * sqrt(C) * weight + bias)`` with an fp32 reduction."""
     check_rms_norm_args(x, weight, bias)
+    if out is not None:
+        check_out_call(x, out)
+        for i in range(x.shape[2]):
+            out[:, :, i].copy_(rms_norm_silu_ref(x[:, :, i], weight, bias, eps, silu))
+        return out
     c = x.shape[1]
     xf = x.float()
     # same value and gradient as F.normalize (norm clamped from below), in fewer passes over x

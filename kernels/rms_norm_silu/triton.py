@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import as_contiguous, autotune, next_pow2, prod
-from .reference import check_rms_norm_args
+from .._utils import as_contiguous, autotune, check_frames_out, next_pow2, prod
+from .reference import check_out_call, check_rms_norm_args
 
 _REG_BUDGET = 8192
 
@@ -43,11 +43,12 @@ def _dact(z, dy, SILU: tl.constexpr):
 
 @triton.jit
 def rms_norm_silu_fwd_kernel(
-    X, Y, W, B, NORM, C, S, scale, eps,
+    X, Y, W, B, NORM, C, S, Y_SN, Y_SC, scale, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
 ):
-    """One block of ``BLOCK_S`` positions of sample ``n``: norm over C, scale, affine, SiLU."""
+    """One block of ``BLOCK_S`` positions of sample ``n``: norm over C, scale, affine, SiLU. ``y`` of
+    ``(n, c)`` starts at ``n * Y_SN + c * Y_SC`` and holds its S positions contiguously."""
     n = tl.program_id(1).to(tl.int64)
     offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < S
@@ -56,6 +57,7 @@ def rms_norm_silu_fwd_kernel(
         offs_c = tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         ptrs = base + offs_c.to(tl.int64)[:, None] * S + offs_s[None, :]
+        y_ptrs = n * Y_SN + offs_c.to(tl.int64)[:, None] * Y_SC + offs_s[None, :]
         mask = mask_c[:, None] & mask_s[None, :]
         x = tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32)
         norm = tl.sqrt(tl.sum(x * x, axis=0))
@@ -65,7 +67,7 @@ def rms_norm_silu_fwd_kernel(
             z = z * tl.load(W + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
         if HAS_B:
             z = z + tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
-        tl.store(Y + ptrs, _act(z, SILU).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + y_ptrs, _act(z, SILU).to(Y.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK_S], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -80,6 +82,7 @@ def rms_norm_silu_fwd_kernel(
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask_c = offs_c < C
             ptrs = base + offs_c.to(tl.int64)[:, None] * S + offs_s[None, :]
+            y_ptrs = n * Y_SN + offs_c.to(tl.int64)[:, None] * Y_SC + offs_s[None, :]
             mask = mask_c[:, None] & mask_s[None, :]
             x = tl.load(X + ptrs, mask=mask, other=0.0).to(tl.float32)
             z = x * r[None, :]
@@ -87,7 +90,7 @@ def rms_norm_silu_fwd_kernel(
                 z = z * tl.load(W + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
             if HAS_B:
                 z = z + tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
-            tl.store(Y + ptrs, _act(z, SILU).to(Y.dtype.element_ty), mask=mask)
+            tl.store(Y + y_ptrs, _act(z, SILU).to(Y.dtype.element_ty), mask=mask)
     tl.store(NORM + n * S + offs_s, norm, mask=mask_s)
 
 
@@ -169,8 +172,9 @@ def _launch_cfg(c: int, s: int, max_block_s: int = 64) -> tuple[int, int, bool, 
     return max(_REG_BUDGET // (2 * block_s), 1), block_s, False, 8
 
 
-def rms_norm_silu_fwd(x, weight, bias, eps, silu, max_block_s: int | None = None):
+def rms_norm_silu_fwd(x, weight, bias, eps, silu, max_block_s: int | None = None, out=None):
     """Forward host wrapper: ``x`` contiguous ``(N, C, *spatial)``; returns ``(y, norm (N, S) fp32)``.
+    ``y`` is ``out`` when given (an ``x``-shaped 5-D view with contiguous ``(T, H, W)`` per channel).
 
     ``max_block_s`` (positions per program) is tuned per shape on CUDA (cached) unless given.
     """
@@ -179,21 +183,27 @@ def rms_norm_silu_fwd(x, weight, bias, eps, silu, max_block_s: int | None = None
     if max_block_s is None:
         key = (x.device, "rms_norm_silu_fwd", n, c, s, x.dtype)
         max_block_s = autotune(
-            key, [64, 32, 128, 16], lambda b: _rms_norm_silu_fwd(x, weight, bias, eps, silu, b)
+            key, [64, 32, 128, 16], lambda b: _rms_norm_silu_fwd(x, weight, bias, eps, silu, b, out)
         )
-    return _rms_norm_silu_fwd(x, weight, bias, eps, silu, max_block_s)
+    return _rms_norm_silu_fwd(x, weight, bias, eps, silu, max_block_s, out)
 
 
-def _rms_norm_silu_fwd(x, weight, bias, eps, silu, max_block_s: int):
+def _rms_norm_silu_fwd(x, weight, bias, eps, silu, max_block_s: int, out=None):
     n, c = x.shape[:2]
     s = prod(x.shape[2:])
     block_c, block_s, single, num_warps = _launch_cfg(c, s, max_block_s)
-    y = torch.empty_like(x)
+    if out is None:
+        y = torch.empty_like(x)
+    else:
+        check_frames_out(x, out)
+        if out.stride(2) != s // x.shape[2]:
+            raise ValueError(f"out needs contiguous (T, H, W) per channel, got strides {out.stride()}")
+        y = out
     norm = torch.empty((n, s), device=x.device, dtype=torch.float32)
     # position blocks on grid axis 0 (up to 2^31 - 1 programs; axis 1 allows only 65535)
     rms_norm_silu_fwd_kernel[(triton.cdiv(s, block_s), n)](
         x, y, weight if weight is not None else x, bias if bias is not None else x, norm,
-        c, s, float(c) ** 0.5, eps,
+        c, s, y.stride(0), y.stride(1), float(c) ** 0.5, eps,
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
         BLOCK_C=block_c, BLOCK_S=block_s, SINGLE=single, num_warps=num_warps,
     )
@@ -247,7 +257,12 @@ def rms_norm_silu(
     bias: torch.Tensor | None = None,
     eps: float = 1e-12,
     silu: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton channel RMSNorm + SiLU; same contract as :func:`..reference.rms_norm_silu_ref`."""
     check_rms_norm_args(x, weight, bias)
+    if out is not None:
+        check_out_call(x, out)
+        rms_norm_silu_fwd(x.contiguous(), as_contiguous(weight), as_contiguous(bias), eps, silu, out=out)
+        return out
     return RMSNormSiLUFunction.apply(x, weight, bias, eps, silu)

@@ -279,3 +279,47 @@ def test_causal_pad3d(t, pad_t, pad_h, pad_w, head, dtype, device, poison_empty)
     for name, g, r in zip(("dx", "dcache"), got, want, strict=False):
         assert g.dtype == dtype
         assert_close(g, r, dtype, name)
+
+
+@pytest.mark.parametrize("op", ["group_frame", "group_clip", "rms"])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_norms_write_into_the_frames_of_a_padded_buffer(op, dtype, device, poison_empty):
+    """``out=``: both implementations write the normalised tensor into frames 2.. of a time-padded
+    buffer (what a causal conv convolves) with the values of the plain call, and touch nothing else."""
+    shape = (2, 12, 5, 7, 9)
+    gen = seeded(shape, op, dtype, "into")
+    x, xf = make(shape, dtype, device, gen, scale=2.0, shift=1.0, grad=False)
+    w, wf = make((12,), F32, device, gen, shift=1.0, grad=False)
+    b, bf = make((12,), F32, device, gen, grad=False)
+    if op == "rms":
+        want = rms_norm_silu_ref(xf, wf, bf, 1e-12, True)
+        impls = {"triton": lambda o: rms_tr.rms_norm_silu(x, w, b, 1e-12, True, out=o),
+                 "reference": lambda o: rms_norm_silu_ref(x, w, b, 1e-12, True, out=o)}
+    else:
+        per_frame = op == "group_frame"
+        want = group_norm_silu_ref(xf, wf, bf, 4, 1e-6, per_frame, True)
+        impls = {"triton": lambda o: gn_tr.group_norm_silu(x, w, b, 4, 1e-6, per_frame, True, out=o),
+                 "reference": lambda o: group_norm_silu_ref(x, w, b, 4, 1e-6, per_frame, True, out=o)}
+    for name, fn in impls.items():
+        padded = torch.full((2, 12, 7, 7, 9), 7.0, device=device, dtype=dtype)
+        with torch.no_grad():
+            got = fn(padded[:, :, 2:])
+        assert got.data_ptr() == padded[:, :, 2:].data_ptr()
+        assert_close(padded[:, :, 2:], want, dtype, f"{name} {op} into the buffer")
+        assert torch.all(padded[:, :, :2] == 7.0), f"{name} wrote outside its frames"
+
+
+def test_norm_out_rejects_gradients_and_bad_views(device):
+    x = torch.randn(1, 8, 3, 5, 5, device=device, requires_grad=True)
+    w = torch.ones(8, device=device)
+    out = torch.empty(1, 8, 3, 5, 5, device=device)
+    for fn in (lambda o: gn_tr.group_norm_silu(x, w, None, 4, out=o),
+               lambda o: group_norm_silu_ref(x, w, None, 4, out=o),
+               lambda o: rms_tr.rms_norm_silu(x, w, None, out=o),
+               lambda o: rms_norm_silu_ref(x, w, None, out=o)):
+        with pytest.raises(ValueError, match="gradients"):
+            fn(out)
+        with torch.no_grad(), pytest.raises(ValueError, match="out"):
+            fn(torch.empty(1, 8, 3, 5, 6, device=device))
+        with torch.no_grad(), pytest.raises(ValueError, match="contiguous frames"):
+            fn(torch.empty(1, 8, 3, 5, 10, device=device)[..., ::2])

@@ -234,7 +234,7 @@ class Encoder(nn.Module):
         """Latent-resolution part: mid block (attention), norm_out, conv_out -> moments."""
         ckpt = self.gradient_checkpointing and self.training and cache is None
         h = _run_block(self.mid, h, cache, ckpt)
-        return self.conv_out(self.norm_out(h, silu=True, cache=cache), cache)
+        return self.conv_out.forward_normed(self.norm_out, h, cache)
 
 
 class Decoder(nn.Module):
@@ -287,7 +287,7 @@ class Decoder(nn.Module):
                 h = _run_block(block, h, cache, ckpt)
             if stage.upsample is not None:
                 h, cache = stage.upsample(h, cache)
-        y, cache = self.conv_out(self.norm_out(h, silu=True, cache=cache), cache)
+        y, cache = self.conv_out.forward_normed(self.norm_out, h, cache)
         return self.unpatchify(y), cache
 
     def unpatchify(self, y: Tensor) -> Tensor:
