@@ -16,6 +16,7 @@ from videovae.layers import (
     ResBlock,
     SpatialAttention,
     SpatialDownsample,
+    SpatialUpsample,
     SpatioTemporalDownsample,
     SpatioTemporalUpsample,
     assign_cache_keys,
@@ -236,3 +237,30 @@ def test_causal_conv_pads_space_itself_only_when_symmetric(spatial_pad):
     conv = CausalConv3d(2, 3, 3, 1 if spatial_pad is None else 2, spatial_pad=spatial_pad)
     assert conv.conv_pads_space == (spatial_pad is None)
     assert conv.conv.padding == ((0, 1, 1) if spatial_pad is None else (0, 0, 0))
+
+
+@pytest.mark.parametrize("module_kind", ["spatial", "nearest"])
+def test_upsamplers_write_into_the_conv_input_with_the_same_values(module_kind, monkeypatch):
+    """Inference: nearest upsampling lands straight in the conv's padded input; whole clip and
+    chunks match the plain interpolate-then-conv path run with gradients on."""
+    if module_kind == "spatial":
+        up = _randomise(SpatialUpsample(4, "replicate"))
+    else:
+        up = _randomise(SpatioTemporalUpsample(4, "replicate", "nearest"))
+    assign_cache_keys(up)
+    x = torch.randn(1, 4, 5, 6, 5)
+    interpolations = []
+    real_interpolate = F.interpolate
+
+    def counting_interpolate(*args, **kwargs):
+        interpolations.append(torch.is_grad_enabled())
+        return real_interpolate(*args, **kwargs)
+
+    monkeypatch.setattr(F, "interpolate", counting_interpolate)
+    for sizes in ([5], [1, 2, 2]):
+        with torch.enable_grad():  # the plain path (what autograd needs)
+            want = _chunked(up, x, sizes).detach()
+        with torch.no_grad():
+            got = _chunked(up, x, sizes)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert interpolations and all(interpolations)  # only the gradient path made an upsampled copy

@@ -153,3 +153,33 @@ def test_checkpoint_errors(tmp_path, tiny):
     save_file(state, str(broken), metadata=meta)
     with pytest.raises(CheckpointError, match=r"missing keys: decoder.conv_out.conv.bias.*unexpected keys: extra"):
         load_checkpoint(broken)
+
+
+def test_streaming_decoder_runs_its_full_rate_levels_frame_by_frame(tiny):
+    """After the last temporal upsampler an exactly streamable decoder runs frame by frame through
+    the cache while streaming (one frame of full-resolution activations alive), with the whole-clip
+    answer; models with per-clip norms or trilinear time upsampling keep whole chunks."""
+    from videovae.layers import CausalCache
+
+    assert tiny.decoder.frame_local_from == 2  # levels 1 and 0 follow tiny's last temporal upsampler
+    assert from_preset("od-vae").decoder.frame_local_from is None
+    frames_per_call = []
+    pad_t = tiny.decoder.conv_out.kernel_t - 1
+    hook = tiny.decoder.conv_out.conv.register_forward_pre_hook(
+        lambda m, args: frames_per_call.append(args[0].shape[2] - pad_t)
+    )
+    z = torch.randn(1, tiny.latent_channels, 3, 4, 4)
+    try:
+        with torch.no_grad():
+            whole = tiny.decode(z)
+            assert frames_per_call == [whole.shape[2]]
+            frames_per_call.clear()
+            cache, chunks = CausalCache(), []
+            for start, stop in ((0, 2), (2, 3)):
+                h, cache = tiny.decode_stem(z[:, :, start:stop], cache)
+                y, cache = tiny.decode_body(h, cache)
+                chunks.append(y)
+    finally:
+        hook.remove()
+    assert frames_per_call == [1] * whole.shape[2]
+    torch.testing.assert_close(torch.cat(chunks, dim=2), whole, atol=1e-5, rtol=0)

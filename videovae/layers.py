@@ -215,22 +215,32 @@ class CausalConv3d(CausalModule):
         """``self(norm(x, silu=True), cache)``. In inference the normalised tensor is written straight
         into the time-padded input buffer, so it never exists as a separate copy (the peak of a
         residual block drops by one activation); with gradients it is the plain composition."""
-        pad_t = self.kernel_t - 1
+        if not self.writes_in_place(x, cache):
+            return self(norm(x, silu=True, cache=cache), cache)
+        return self.forward_written(lambda frames: norm(x, silu=True, cache=cache, out=frames), x.shape, x, cache)
+
+    def writes_in_place(self, x: Tensor, cache: CausalCache | None) -> bool:
+        """Whether an input may be written straight into the padded buffer: inference outside graph
+        capture, space padded by the conv itself, and a cached tail (if any) of the expected length."""
         tail = cache.get(self.cache_key) if cache is not None else None
-        fusable = (
+        return (
             not torch.is_grad_enabled()
             and not _capturing_graph()
             and self.conv_pads_space
             and x.dim() == 5
-            and (tail is None or tail.shape[2] == pad_t)
+            and (tail is None or tail.shape[2] == self.kernel_t - 1)
         )
-        if not fusable:
-            return self(norm(x, silu=True, cache=cache), cache)
-        if cache is not None:
-            cache.take(self.cache_key)
-        n, c, t, h, w = x.shape
-        padded = x.new_empty(n, c, pad_t + t, h, w)
-        norm(x, silu=True, cache=cache, out=padded[:, :, pad_t:])
+
+    def forward_written(
+        self, write, shape: torch.Size, like: Tensor, cache: CausalCache | None
+    ) -> tuple[Tensor, CausalCache | None]:
+        """Run on an input of ``shape`` (N, C, T, H, W) that ``write(frames)`` produces into the
+        frames view of the time-padded buffer (``like`` gives dtype and device); inference only."""
+        pad_t = self.kernel_t - 1
+        tail = cache.take(self.cache_key) if cache is not None else None
+        n, c, t, h, w = shape
+        padded = torch.empty((n, c, pad_t + t, h, w), dtype=like.dtype, device=like.device)
+        write(padded[:, :, pad_t:])
         head = padded[:, :, :pad_t]
         if tail is not None:
             head.copy_(tail)
@@ -509,6 +519,16 @@ TimeUpsample = Literal["nearest", "trilinear", "pixel_shuffle"]
 TIME_UPSAMPLES = ("nearest", "trilinear", "pixel_shuffle")
 
 
+def nearest_upsample_into(x: Tensor, out: Tensor, time_factor: int) -> Tensor:
+    """Write the nearest upsampling of ``x`` (N, C, T, H, W), 2x in H and W and ``time_factor`` x in
+    T, into ``out`` (N, C, T * time_factor, 2H, 2W; e.g. the frames of a conv's padded buffer): one
+    broadcast copy, the same values as ``F.interpolate(mode="nearest")``."""
+    n, c, t, h, w = x.shape
+    view = out.view(n, c, t, time_factor, h, 2, w, 2)  # raises rather than copy when out is not viewable
+    view.copy_(x[:, :, :, None, :, None, :, None].expand(n, c, t, time_factor, h, 2, w, 2))
+    return out
+
+
 class SpatialUpsample(nn.Module):
     """Nearest 2x in H and W per frame, then a causal ``kernel_t`` x 3 x 3 conv. T is kept.
 
@@ -521,6 +541,10 @@ class SpatialUpsample(nn.Module):
         self.conv = CausalConv3d(channels, channels, (kernel_t, 3, 3), time_pad=time_pad)
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
+        if self.conv.writes_in_place(x, cache):  # inference: upsample straight into the conv's input
+            n, c, t, h, w = x.shape
+            shape = (n, c, t, 2 * h, 2 * w)
+            return self.conv.forward_written(lambda f: nearest_upsample_into(x, f, 1), shape, x, cache)
         x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
         return self.conv(x, cache)
 
@@ -565,8 +589,23 @@ class SpatioTemporalUpsample(_FirstChunkAware):
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
-        x = self._upsample(x, self._starts_clip(x, cache))
-        return self.conv(x, cache)
+        starts_clip = self._starts_clip(x, cache)
+        if self.mode == "nearest" and self.conv.writes_in_place(x, cache):
+            # inference: upsample straight into the conv's padded input (no separate upsampled copy)
+            n, c, t, h, w = x.shape
+            frames = 2 * t - 1 if starts_clip else 2 * t
+            return self.conv.forward_written(
+                lambda f: self._nearest_into(x, f, starts_clip), (n, c, frames, 2 * h, 2 * w), x, cache
+            )
+        return self.conv(self._upsample(x, starts_clip), cache)
+
+    @staticmethod
+    def _nearest_into(x: Tensor, out: Tensor, first_only_space: bool) -> None:
+        if first_only_space:
+            nearest_upsample_into(x[:, :, :1], out[:, :, :1], 1)
+            x, out = x[:, :, 1:], out[:, :, 1:]
+        if x.shape[2] > 0:
+            nearest_upsample_into(x, out, 2)
 
 
 class PixelShuffleUpsample(_FirstChunkAware):

@@ -14,6 +14,7 @@ space_factor. Latent: (N, latent_channels, 1 + k, H / space_factor, W / space_fa
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -260,6 +261,12 @@ class Decoder(nn.Module):
         self.patch_size = cfg.patch_size
         self.conv_out = CausalConv3d(cin, cfg.in_channels * cfg.patch_size**2, 3, time_pad=cfg.time_pad)
         self.gradient_checkpointing = False
+        # Position in run order (levels L-1 .. 0) of the first level after the last temporal
+        # upsampler (level i > 0 upsamples time when temporal_down[i - 1]); from there on an exactly
+        # streamable decoder may run frame by frame. None for models that are not exactly streamable.
+        levels = len(chans)
+        temporal = [i for i in range(1, levels) if cfg.temporal_down[i - 1]]
+        self.frame_local_from = (levels - min(temporal) if temporal else 0) if cfg.exactly_streamable else None
 
     @staticmethod
     def _make_upsample(cfg: CausalVAEConfig, channels: int, temporal: bool) -> nn.Module:
@@ -280,13 +287,41 @@ class Decoder(nn.Module):
         return _run_block(self.mid, h, cache, ckpt), cache
 
     def body(self, h: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
-        """Up levels, norm_out, conv_out -> (N, 3, T, H, W)."""
+        """Up levels, norm_out, conv_out -> (N, 3, T, H, W).
+
+        While streaming an exactly streamable model, the levels after the last temporal upsampler
+        run one frame at a time through the same cache: they map frames to frames causally, so the
+        output is the same, and the full-resolution activations of only one frame are alive."""
         ckpt = self.gradient_checkpointing and self.training and cache is None
-        for stage in reversed(self.up):
+        stages = list(reversed(self.up))
+        split = len(stages)
+        if cache is not None and cache.norm_sync is None and self.frame_local_from is not None:
+            split = self.frame_local_from
+        # one layer per call, the running activation rebound each time: a level's input is freed
+        # after its first block, not held through the level
+        for layer, is_block in self._layers(stages[:split]):
+            h = _run_block(layer, h, cache, ckpt) if is_block else layer(h, cache)[0]
+        if split == len(stages):
+            return self._out(h, cache)
+        frames = []
+        for t in range(h.shape[2]):
+            f = h[:, :, t : t + 1]
+            for layer, is_block in self._layers(stages[split:]):
+                f = _run_block(layer, f, cache, ckpt) if is_block else layer(f, cache)[0]
+            frames.append(self._out(f, cache)[0])
+            del f
+        return torch.cat(frames, dim=2), cache
+
+    @staticmethod
+    def _layers(stages: list[_Stage]) -> Iterator[tuple[nn.Module, bool]]:
+        """(layer, is a residual block) in run order: each level's blocks, then its upsampler."""
+        for stage in stages:
             for block in stage.block:
-                h = _run_block(block, h, cache, ckpt)
+                yield block, True
             if stage.upsample is not None:
-                h, cache = stage.upsample(h, cache)
+                yield stage.upsample, False
+
+    def _out(self, h: Tensor, cache: CausalCache | None) -> tuple[Tensor, CausalCache | None]:
         y, cache = self.conv_out.forward_normed(self.norm_out, h, cache)
         return self.unpatchify(y), cache
 
