@@ -18,8 +18,11 @@ def as_contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.contiguous()
 
 
-def check_frames_out(x: torch.Tensor, out: torch.Tensor) -> None:
-    """``out`` must be an ``x``-shaped tensor of ``x``'s dtype and device whose frames are contiguous."""
+def check_out_call(op: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    """The ``out=`` form of a norm takes a 5-D ``x``, records no gradient, and writes an ``x``-shaped
+    tensor of ``x``'s dtype and device whose frames are contiguous."""
+    if x.dim() != 5 or (torch.is_grad_enabled() and x.requires_grad):
+        raise ValueError(f"{op}(out=...) takes a 5-D input and does not record gradients")
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"out must be {tuple(x.shape)} {x.dtype} on {x.device}, got {tuple(out.shape)} "
                          f"{out.dtype} on {out.device}")

@@ -668,7 +668,9 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
-# Working tensors per conv block (input, normalised copy, padded copy, conv output, residual sum).
+# Working tensors per conv block in the plain count (input, normalised copy, padded copy, conv
+# output, residual sum). Inference now writes the norm into the padded input and sums in place; the
+# measured factors below absorb the difference, so the count stays as calibrated.
 _LIVE_TENSORS = 5
 # Measured peak over the estimate below, per family: on the CPU in fp32, the largest factor
 # ``(peak RSS growth - caches - weights) / activations`` (``peak_parts``) over whole-clip, chunked

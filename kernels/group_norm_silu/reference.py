@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._utils import check_frames_out
+from .._utils import check_out_call
 
 
 def check_group_norm_args(x: torch.Tensor, weight, bias, num_groups: int) -> None:
@@ -117,9 +117,7 @@ def _frame_major(x, weight, bias, num_groups, eps, per_frame, silu):
 def _into(x, weight, bias, num_groups, eps, per_frame, silu, out):
     """``out``-writing form: fp32 statistics of ``x`` (per frame, or per clip over all T), then one
     ``addcmul`` straight into an fp32 ``out`` (other dtypes: frame by frame through an fp32 frame)."""
-    if x.dim() != 5 or (torch.is_grad_enabled() and x.requires_grad):
-        raise ValueError("group_norm_silu(out=...) takes a 5-D input and does not record gradients")
-    check_frames_out(x, out)
+    check_out_call("group_norm_silu", x, out)
     x = x.contiguous()
     scale, shift = _scale_shift(x, weight, bias, num_groups, eps, per_frame)
     stats_t = scale.shape[2]

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import as_contiguous, autotune, cdiv, check_frames_out, multiprocessor_count, next_pow2
+from .._utils import as_contiguous, autotune, cdiv, check_out_call, multiprocessor_count, next_pow2
 from .reference import check_group_norm_args
 
 
@@ -316,7 +316,7 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg:
     if out is None:
         y = torch.empty_like(x)
     else:
-        check_frames_out(x, out)
+        check_out_call("group_norm_silu", x, out)
         y = out
     group_norm_silu_fwd_kernel[(rows, triton.cdiv(hw, cfg.block))](
         x, y, weight if weight is not None else x, bias if bias is not None else x,
@@ -399,9 +399,7 @@ def group_norm_silu(
 ) -> torch.Tensor:
     """Triton GroupNorm + SiLU; same contract as :func:`..reference.group_norm_silu_ref`."""
     check_group_norm_args(x, weight, bias, num_groups)
-    if out is not None:
-        if x.dim() != 5 or (torch.is_grad_enabled() and x.requires_grad):
-            raise ValueError("group_norm_silu(out=...) takes a 5-D input and does not record gradients")
+    if out is not None:  # checked by the host wrapper
         x = x if is_frame_major(x) else x.contiguous()
         group_norm_silu_fwd(x, as_contiguous(weight), as_contiguous(bias), num_groups, eps, per_frame, silu, out=out)
         return out

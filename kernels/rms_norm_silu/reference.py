@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._utils import check_frames_out
+from .._utils import check_out_call
 
 
 def check_rms_norm_args(x: torch.Tensor, weight, bias) -> None:
@@ -27,13 +27,6 @@ def check_rms_norm_args(x: torch.Tensor, weight, bias) -> None:
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.numel() != c:
             raise ValueError(f"{name} must have {c} elements, got shape {tuple(p.shape)}")
-
-
-def check_out_call(x: torch.Tensor, out: torch.Tensor) -> None:
-    """``out=`` takes a 5-D input, records no gradient, and needs an ``x``-shaped, frame-contiguous view."""
-    if x.dim() != 5 or (torch.is_grad_enabled() and x.requires_grad):
-        raise ValueError("rms_norm_silu(out=...) takes a 5-D input and does not record gradients")
-    check_frames_out(x, out)
 
 
 def _per_channel(p: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -51,7 +44,7 @@ def rms_norm_silu_ref(
     """``silu(F.normalize(x, dim=1, eps=eps) * sqrt(C) * weight + bias)`` with an fp32 reduction."""
     check_rms_norm_args(x, weight, bias)
     if out is not None:
-        check_out_call(x, out)
+        check_out_call("rms_norm_silu", x, out)
         for i in range(x.shape[2]):
             out[:, :, i].copy_(rms_norm_silu_ref(x[:, :, i], weight, bias, eps, silu))
         return out
