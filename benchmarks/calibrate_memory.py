@@ -30,17 +30,18 @@ MARGIN = 1.10
 
 
 def measure(preset: str, direction: str, frames: int, height: int, width: int, chunk: int, tile: int) -> dict:
-    """One run in this process: peak RSS growth and the planner's unscaled parts, in bytes."""
+    """One run in this process: peak RSS growth and the planner's unscaled parts, in bytes. Tiles
+    run in chunk order, the order of the streams the planner plans for (the CLI)."""
     torch.manual_seed(0)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model = from_preset(preset).eval()
     tf, sf = model.time_factor, model.space_factor
     if direction == "encode":
         video = torch.rand(1, 3, frames, height, width) * 2 - 1
-        encode_tensor(model, video, chunk_frames=chunk, tile=tile)
+        encode_tensor(model, video, chunk_frames=chunk, tile=tile, tile_order="chunk")
     else:
         latent = torch.randn(1, model.latent_channels, (frames - 1) // tf + 1, height // sf, width // sf)
-        decode_tensor(model, latent, chunk_frames=chunk, tile=tile)
+        decode_tensor(model, latent, chunk_frames=chunk, tile=tile, tile_order="chunk")
     growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     planned_chunk = chunk or frames - 1  # the planner's chunk holds 1 + chunk_frames frames
     tile_h, tile_w = (min(tile, height), min(tile, width)) if tile else (height, width)

@@ -8,6 +8,10 @@ the definition of correct) otherwise. ``VIDEOVAE_KERNELS`` overrides the choice 
 * ``reference``: always the reference;
 * ``triton``: always Triton (raises if it is not installed; CPU tensors need ``TRITON_INTERPRET=1``).
 
+While ``torch.compile`` or ``torch.export`` captures a graph, every op is the reference whatever the
+backend: Inductor fuses the reference composition into kernels of its own, whereas the hand
+kernels' host code (shape tuning, environment reads) would break the graph and force recompiles.
+
 Triton is imported lazily, so ``import videovae.kernels`` works without it.
 """
 
@@ -56,6 +60,8 @@ def triton_available() -> bool:
 
 
 def _use_triton(x: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
     backend = kernel_backend()
     if backend == "reference":
         return False

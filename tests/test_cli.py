@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from videovae.io import probe, read_image, read_video
 from videovae.synthetic import write_synthetic_video
@@ -68,6 +69,11 @@ def test_encode_decode_mp4_mkv_png(work):
         else:
             frames, fps = read_video(target)
             assert frames.shape == (14, 40, 56, 3) and fps == pytest.approx(25)
+    # tile by tile through the whole clip: the same frames as all tiles chunk by chunk
+    run("decode", str(lat), "-o", str(work / "tile_major/"), "--weights", str(work / "w.safetensors"), "--tile", "32",
+        "--tile-order", "tile", "--quiet")
+    for a, b in zip(sorted((work / "frames").iterdir()), sorted((work / "tile_major").iterdir()), strict=True):
+        assert torch.equal(read_image(a), read_image(b))
 
 
 def test_sampled_encode_is_seeded(work):

@@ -111,6 +111,62 @@ def test_exact_tile_norm_gives_the_untiled_result_for_group_norm_models(tiny):
         decode_tensor(tiny, whole, tile=32, tile_norm="global")
 
 
+def _max_caches_alive(model, monkeypatch, run) -> int:
+    """Run ``run()`` and return how many tile caches were alive at once when the decoder body or
+    the encoder body started a tile step."""
+    import weakref
+
+    seen: list = []
+    most = 0
+
+    def tracked(fn):
+        def step(x, cache):
+            nonlocal most
+            if not any(ref() is cache for ref in seen):
+                seen.append(weakref.ref(cache))
+            most = max(most, sum(ref() is not None for ref in seen))
+            return fn(x, cache)
+        return step
+
+    monkeypatch.setattr(model, "decode_body", tracked(model.decode_body))
+    monkeypatch.setattr(model, "encode_body", tracked(model.encode_body))
+    run()
+    monkeypatch.undo()
+    return most
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-rms"])
+def test_tile_major_order_gives_the_chunk_major_result_with_one_tile_cache_alive(name, monkeypatch):
+    """tile_order='tile' runs each tile through the whole clip before the next: the same numbers as
+    the chunk-major stream (GroupNorm's approximate per-tile statistics included), with only one
+    tile's causal caches alive instead of all of them, so tiling never adds cache memory."""
+    model = _model(name)
+    x = to_model_range(synthetic_video(9, 48, 64, seed=8))
+    z = torch.randn(1, model.latent_channels, 3, 6, 8, generator=torch.Generator().manual_seed(2))
+    opts = dict(chunk_frames=4, tile=32)
+    latents, videos = {}, {}
+    for order, tiles_alive in (("chunk", 4), ("tile", 1)):  # 2 x 2 tiles of 32 px at 48 x 64
+        def run(o=order):
+            latents[o] = encode_tensor(model, x, tile_order=o, **opts).mean
+            videos[o] = decode_tensor(model, z, tile_order=o, **opts)
+        assert _max_caches_alive(model, monkeypatch, run) == tiles_alive, order
+    assert torch.equal(latents["tile"], latents["chunk"])
+    assert torch.equal(videos["tile"], videos["chunk"])
+    assert videos["tile"].shape == (1, 3, 9, 48, 64)
+    # auto: tile-major where the whole clip is held anyway (the *_tensor entry points) ...
+    assert _max_caches_alive(model, monkeypatch, lambda: decode_tensor(model, z, **opts)) == 1
+    # ... chunk-major in the streams, and wherever tile norms are exchanged between the tiles of a chunk
+    assert _max_caches_alive(model, monkeypatch, lambda: list(decode_chunks(model, z, EngineOptions(**opts)))) == 4
+    exact = dict(opts, tile_norm="exact")
+    alive = _max_caches_alive(model, monkeypatch, lambda: decode_tensor(model, z, **exact))
+    assert alive == 1 if model.config.halo_tiling_exact else alive >= 4  # + the statistics passes' forks
+    if not model.config.halo_tiling_exact:
+        with pytest.raises(ValueError, match="tile_order='chunk'"):
+            decode_tensor(model, z, tile_order="tile", **exact)
+    with pytest.raises(ValueError, match="tile_order must be one of"):
+        decode_tensor(model, z, tile_order="row", **opts)
+
+
 def test_spans_cover_and_blend_weights_sum_to_one():
     spans = tile_spans(37, 10, 5, 2)
     assert spans[0].keep0 == 0 and spans[-1].keep1 == 37
@@ -210,12 +266,17 @@ def test_compiled_decode_step_matches_eager(tiny_rms):
     one-latent chunks) gives the eager result; eager stays the definition of correct."""
     from torch._dynamo.utils import counters
 
-    z = torch.randn(1, tiny_rms.latent_channels, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(1, tiny_rms.latent_channels, 5, 6, 6, generator=torch.Generator().manual_seed(3))
     graphs = counters["stats"]["unique_graphs"]
     eager = decode_tensor(tiny_rms, z, chunk_frames=4)
-    compiled = decode_tensor(tiny_rms, z, chunk_frames=4, compile="default")
-    assert counters["stats"]["unique_graphs"] > graphs  # it really ran compiled code
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    chunks, graphs_after = [], []
+    for chunk in decode_chunks(tiny_rms, z, EngineOptions(chunk_frames=4, compile="default")):
+        chunks.append(chunk)
+        graphs_after.append(counters["stats"]["unique_graphs"])
+    assert graphs_after[0] > graphs  # it really ran compiled code
+    # latents 2, 1, 1, 1: the steady state compiles once, later chunks reuse it without recompiling
+    assert len(chunks) == 4 and graphs_after[1] == graphs_after[2] == graphs_after[3]
+    torch.testing.assert_close(torch.cat(chunks, dim=2), eager, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="compile must be one of"):
         decode_tensor(tiny_rms, z, compile="fast")
 

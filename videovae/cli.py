@@ -78,6 +78,10 @@ def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
     g.add_argument("--tile", type=int, default=None, help="spatial tile size in pixels (default 0 = no tiling)")
     g.add_argument("--tile-norm", default="tile", choices=["tile", "exact"],
                    help="GroupNorm statistics when tiling: per tile (fast) or whole-frame (exact, slower)")
+    g.add_argument("--tile-order", default="chunk", choices=["chunk", "tile"],
+                   help="when tiling: advance all tiles chunk by chunk (memory bounded in clip length; every "
+                        "tile keeps its caches), or run each tile through the whole clip (one tile's caches "
+                        "alive; the whole clip is held)")
     g.add_argument("--max-memory", default=None, help="memory budget, e.g. 2G: picks chunk length and tile size")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype")
@@ -126,6 +130,7 @@ def _engine_options(args, model, height: int, width: int) -> EngineOptions:
         chunk_frames=default_chunk_frames(model, args.device) if chunk is None else chunk,
         tile=0 if tile is None else tile,
         tile_norm=args.tile_norm,
+        tile_order=args.tile_order,
         device=args.device,
         dtype=dtype,
         progress=not args.quiet,

@@ -15,6 +15,10 @@ the tiled parts, e.g. RMSNorm), the halo covers the receptive field and tiled ou
 untiled output; models with GroupNorm get the same halo, and differ only through per-tile
 normalisation statistics.
 
+Tile order: streams advance all tiles one chunk at a time (every tile keeps its own causal caches);
+the whole-clip entry points run each tile through the whole clip before the next, so only one
+tile's caches are alive and tiling never adds cache memory. Both orders give the same numbers.
+
 Padding: frames are added at the end (copies of the last frame) up to ``1 + k * t_down`` and
 rows/columns at the bottom/right (replicate) up to multiples of the spatial factor. The
 :class:`VideoGeometry` records both so that decoding crops back to the original size.
@@ -26,7 +30,7 @@ import functools
 import math
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +76,15 @@ class EngineOptions:
         per-chunk decode step: ``default``, or ``reduce-overhead`` (CUDA graphs on CUDA; outputs and
         caches are copied out of the graph's buffers after each step). Chunks of one length reuse
         one compiled graph, so the streaming loop compiles twice (first chunk, steady state).
+    tile_order: which loop is outer when tiling: ``chunk`` (every tile advances one chunk at a
+        time; memory is bounded in the clip's length, and every tile's causal caches stay alive),
+        ``tile`` (each tile runs through the whole clip before the next starts: only one tile's
+        caches are alive, so tiled never holds more cache than untiled, but the whole input or
+        output of the tiled part is held, and exact tile norms that need statistics from all tiles
+        of a chunk are not possible), or ``auto``: ``tile`` for the whole-clip entry points
+        (``encode_tensor``, ``decode_tensor``, ``tokenize_tensor``, ``detokenize_tensor``, which hold
+        the whole clip anyway) unless tile norms are exchanged, ``chunk`` for the streams. Both
+        orders give the same result.
     """
 
     chunk_frames: int = DEFAULT_CHUNK_FRAMES
@@ -88,6 +101,7 @@ class EngineOptions:
     official_tile: int | None = None
     official_overlap: float | None = None
     compile: str = "none"
+    tile_order: str = "auto"
 
     def official_tiling(self, model):
         """The model's official tiling with these options' overrides applied."""
@@ -101,6 +115,7 @@ class EngineOptions:
 
 TILINGS = ("halo", "official")
 COMPILE_MODES = ("none", "default", "reduce-overhead")
+TILE_ORDERS = ("auto", "chunk", "tile")
 
 
 @dataclass
@@ -135,6 +150,11 @@ def check_options(model, opts: EngineOptions) -> None:
         raise ValueError("compile applies to the chunked decode step (tiling='halo'), not to official tiling")
     if opts.tile_norm not in TILE_NORMS:
         raise ValueError(f"tile_norm must be one of {TILE_NORMS}, got {opts.tile_norm!r}")
+    if opts.tile_order not in TILE_ORDERS:
+        raise ValueError(f"tile_order must be one of {TILE_ORDERS}, got {opts.tile_order!r}")
+    if opts.tile_order == "tile" and _sync_norms(model, opts):
+        raise ValueError("tile_norm='exact' exchanges statistics between the tiles of each chunk: "
+                         f"use tile_order='chunk' (or 'auto') with {model.family} models")
     if opts.chunk_frames < 0 or opts.chunk_frames % tf:
         raise ValueError(f"chunk_frames={opts.chunk_frames} must be 0 or a positive multiple of {tf}")
     if opts.tile < 0 or opts.tile % sf:
@@ -224,10 +244,51 @@ def plan_tiles(model, lat_h: int, lat_w: int, opts: EngineOptions, *, encoder: b
     return TilePlan(tile_spans(lat_h, core, halo, ramp), tile_spans(lat_w, core, halo, ramp))
 
 
+def _tile_input(x: Tensor, r: Span, c: Span, scale: int) -> Tensor:
+    """The tile's extended region of ``x`` (``scale`` pixels per latent pixel), contiguous."""
+    return x[..., r.ext0 * scale : r.ext1 * scale, c.ext0 * scale : c.ext1 * scale].contiguous()
+
+
+def _core_region(r: Span, c: Span) -> tuple[int, int, int, int, int, int]:
+    """The tile's size and its core inside it, in latent pixels (see :class:`NormSync`)."""
+    tile = (r.ext1 - r.ext0, c.ext1 - c.ext0)
+    return (*tile, r.core0 - r.ext0, r.core1 - r.ext0, c.core0 - c.ext0, c.core1 - c.ext0)
+
+
+class _Canvas:
+    """Feather-weighted sum of the tiles of one chunk (float32) and the sum of their weights."""
+
+    def __init__(self, plan: TilePlan, scale: int):
+        self.plan = plan
+        self.scale = scale
+        self.sum: Tensor | None = None
+        self.weights: Tensor | None = None
+
+    def add(self, y_tile: Tensor, r: Span, c: Span) -> None:
+        """Blend the kept part of ``y_tile`` (the output of tile ``(r, c)``, NCTHW) into the canvas."""
+        s = self.scale
+        if self.sum is None:
+            n, ch, t = y_tile.shape[:3]
+            h, w = self.plan.rows[-1].keep1 * s, self.plan.cols[-1].keep1 * s
+            self.sum = torch.zeros(n, ch, t, h, w, device=y_tile.device, dtype=torch.float32)
+            self.weights = torch.zeros(h, w, device=y_tile.device, dtype=torch.float32)
+        kept = y_tile[
+            ..., (r.keep0 - r.ext0) * s : (r.keep1 - r.ext0) * s, (c.keep0 - c.ext0) * s : (c.keep1 - c.ext0) * s
+        ]
+        blend_tile_(
+            self.sum, self.weights, kept, r.keep0 * s, c.keep0 * s,
+            r.ramp_before * s, r.ramp_after * s, c.ramp_before * s, c.ramp_after * s,
+        )
+
+    def result(self, dtype: torch.dtype) -> Tensor:
+        return normalize_canvas(self.sum, self.weights).to(dtype)
+
+
 def _run_tiled(
     fn, x: Tensor, plan: TilePlan | None, caches: list, in_scale: int, out_scale: int, sync_norms: bool = False
 ) -> Tensor:
-    """Apply ``fn(x_tile, cache) -> (y_tile, cache)`` tile by tile and blend into one canvas.
+    """Apply ``fn(x_tile, cache) -> (y_tile, cache)`` tile by tile to one chunk and blend into one
+    canvas (chunk-major order: every tile's cache stays alive between chunks).
 
     ``in_scale``/``out_scale``: pixels per latent pixel of the input/output (8 and 1 for the
     encoder, 1 and 8 for the decoder). With ``sync_norms``, statistics passes run first, on forked
@@ -235,54 +296,47 @@ def _run_tiled(
     if plan is None:
         y, caches[0] = fn(x, caches[0])
         return y
-
-    def tile_input(r: Span, c: Span) -> Tensor:
-        return x[..., r.ext0 * in_scale : r.ext1 * in_scale, c.ext0 * in_scale : c.ext1 * in_scale].contiguous()
-
-    def region(r: Span, c: Span) -> tuple[int, int, int, int, int, int]:
-        tile = (r.ext1 - r.ext0, c.ext1 - c.ext0)
-        return (*tile, r.core0 - r.ext0, r.core1 - r.ext0, c.core0 - c.ext0, c.core1 - c.ext0)
-
     stats = None
     exact_layers = 0
     while sync_norms:
         sums: dict = {}
         for index, (r, c) in enumerate(plan):
-            fn(tile_input(r, c), caches[index].fork(NormSync(sums, stats, True, region(r, c))))
+            fn(_tile_input(x, r, c, in_scale), caches[index].fork(NormSync(sums, stats, True, _core_region(r, c))))
         exact_layers += 1
         stats = NormSync.finalize(sums, exact_layers)
         if exact_layers >= len(sums):
             break
-    canvas = weights = None
+    canvas = _Canvas(plan, out_scale)
     for index, (r, c) in enumerate(plan):
         if stats is not None:
-            caches[index].norm_sync = NormSync({}, stats, False, region(r, c))
-        y_tile, caches[index] = fn(tile_input(r, c), caches[index])
+            caches[index].norm_sync = NormSync({}, stats, False, _core_region(r, c))
+        y_tile, caches[index] = fn(_tile_input(x, r, c, in_scale), caches[index])
         caches[index].norm_sync = None
-        if canvas is None:
-            n, ch, t = y_tile.shape[:3]
-            h = plan.rows[-1].keep1 * out_scale
-            w = plan.cols[-1].keep1 * out_scale
-            canvas = torch.zeros(n, ch, t, h, w, device=y_tile.device, dtype=torch.float32)
-            weights = torch.zeros(h, w, device=y_tile.device, dtype=torch.float32)
-        kept = y_tile[
-            ...,
-            (r.keep0 - r.ext0) * out_scale : (r.keep1 - r.ext0) * out_scale,
-            (c.keep0 - c.ext0) * out_scale : (c.keep1 - c.ext0) * out_scale,
-        ]
-        blend_tile_(
-            canvas,
-            weights,
-            kept,
-            r.keep0 * out_scale,
-            c.keep0 * out_scale,
-            r.ramp_before * out_scale,
-            r.ramp_after * out_scale,
-            c.ramp_before * out_scale,
-            c.ramp_after * out_scale,
-        )
-        del y_tile, kept  # the next tile runs without this one's output held
-    return normalize_canvas(canvas, weights).to(x.dtype)
+        canvas.add(y_tile, r, c)
+        del y_tile  # the next tile runs without this one's output held
+    return canvas.result(x.dtype)
+
+
+def _run_tiles_over_clip(
+    fn, inputs: list[Tensor], plan: TilePlan, in_scale: int, out_scale: int, opts: EngineOptions, desc: str
+) -> list[Tensor]:
+    """Tile-major order: each tile runs through every chunk of ``inputs`` with its own cache before
+    the next tile starts, so only one tile's causal caches are alive at a time. Tile inputs are cut
+    from ``inputs`` (any device) and moved to the options' device and dtype. Returns the blended output of
+    each chunk, equal to :func:`_run_tiled` chunk by chunk (each tile does the same computations
+    and the tiles are blended in the same order)."""
+    canvases = [_Canvas(plan, out_scale) for _ in inputs]
+    progress = _progress(opts, desc, unit="tile", total=len(plan))
+    for r, c in plan:
+        cache = CausalCache()  # a fresh cache equals None on the first chunk
+        for x, canvas in zip(inputs, canvases, strict=True):
+            y_tile, cache = fn(_tile_input(x, r, c, in_scale).to(opts.device, opts.dtype), cache)
+            canvas.add(y_tile, r, c)
+            del y_tile
+        del cache
+        progress.update(1)
+    progress.close()
+    return [canvas.result(opts.dtype) for canvas in canvases]
 
 
 def _new_caches(opts: EngineOptions, plan: TilePlan | None) -> tuple[list, CausalCache | None]:
@@ -297,6 +351,16 @@ def _new_caches(opts: EngineOptions, plan: TilePlan | None) -> tuple[list, Causa
 
 def _sync_norms(model, opts: EngineOptions) -> bool:
     return opts.tile_norm == "exact" and not model.config.halo_tiling_exact
+
+
+def _whole_clip_options(model, **options) -> EngineOptions:
+    """Options of a whole-clip entry point: ``tile_order='auto'`` becomes ``tile`` (the clip is
+    held anyway, and one tile's caches at a time is the smaller peak) unless tile norms are
+    exchanged between the tiles of each chunk, which needs ``chunk``."""
+    opts = EngineOptions(**options)
+    if opts.tile_order == "auto":
+        opts = replace(opts, tile_order="chunk" if _sync_norms(model, opts) else "tile")
+    return opts
 
 
 # --- encode ----------------------------------------------------------------------------------------
@@ -395,35 +459,51 @@ def encode_chunks(model, chunks: Iterable[Tensor], opts: EngineOptions | None = 
     """Encode a stream of float (1, 3, t, H, W) chunks in [-1, 1] of one clip.
 
     Any frame count and size are accepted: the clip is padded (replicate) and the geometry is
-    recorded. Only one chunk is held at a time; the latent is returned whole (float32, CPU)."""
+    recorded. Only one chunk is held at a time (with ``tile_order='tile'`` and tiling, the whole
+    clip); the latent is returned whole (float32, CPU)."""
     opts = opts or EngineOptions()
     check_options(model, opts)
     official = opts.tiling == "official"
     source = _ChunkSource(chunks, 0 if official else opts.chunk_frames, model.time_factor, model.space_factor)
-    sf = model.space_factor
     if official:
         (x,) = list(source)  # chunk_frames=0: the whole padded clip in one piece
         tiling = opts.official_tiling(model)
         posterior = model.posterior(model.official_encode(x.to(opts.device, opts.dtype), tiling).float().cpu())
         return EncodeResult(posterior.mean, posterior.logvar, source.geometry)
     moments: list[Tensor] = []
-    plan = tile_caches = head_cache = None
+    head_cache = CausalCache() if opts.chunk_frames else None
     progress = _progress(opts, "encode", unit="chunk")
-    for x in source:
-        if tile_caches is None:
-            plan = plan_tiles(model, x.shape[-2] // sf, x.shape[-1] // sf, opts, encoder=True)
-            tile_caches, head_cache = _new_caches(opts, plan)
-        features = _run_tiled(
-            model.encode_body, x.to(opts.device, opts.dtype), plan, tile_caches, sf, 1, _sync_norms(model, opts)
-        )
+    for features in _encoder_features(model, source, opts):
         chunk_moments, head_cache = model.encode_head(features, head_cache)
         moments.append(chunk_moments.float().cpu())
-        # drop this chunk's tensors before the source assembles the next chunk
-        del x, features, chunk_moments
+        del features, chunk_moments
         progress.update(1)
     progress.close()
     posterior = model.posterior(torch.cat(moments, dim=2))
     return EncodeResult(posterior.mean, posterior.logvar, source.geometry)
+
+
+def _encoder_features(model, source: Iterable[Tensor], opts: EngineOptions) -> Iterator[Tensor]:
+    """The encoder body's output for each chunk of ``source``, tiled as the options say."""
+    sf = model.space_factor
+    if opts.tile_order == "tile":
+        inputs = list(source)
+        plan = plan_tiles(model, inputs[0].shape[-2] // sf, inputs[0].shape[-1] // sf, opts, encoder=True)
+        if plan is not None:
+            features = _run_tiles_over_clip(model.encode_body, inputs, plan, sf, 1, opts, "encode tiles")
+            del inputs
+            while features:
+                yield features.pop(0)
+            return
+        source = inputs
+    plan = tile_caches = None
+    for x in source:
+        if tile_caches is None:
+            plan = plan_tiles(model, x.shape[-2] // sf, x.shape[-1] // sf, opts, encoder=True)
+            tile_caches, _ = _new_caches(opts, plan)
+        x = x.to(opts.device, opts.dtype)
+        yield _run_tiled(model.encode_body, x, plan, tile_caches, sf, 1, _sync_norms(model, opts))
+        del x  # drop this chunk before the source assembles the next one
 
 
 def encode_frames(model, frames: Iterable[Tensor], opts: EngineOptions | None = None) -> EncodeResult:
@@ -435,7 +515,7 @@ def encode_frames(model, frames: Iterable[Tensor], opts: EngineOptions | None = 
 def encode_tensor(model, video: Tensor, **options) -> EncodeResult:
     """Encode a (1, 3, T, H, W) clip in [-1, 1] (any T, H, W) through the engine; returns the
     posterior moments (1, z, T', h, w) of the padded clip and its geometry."""
-    return encode_chunks(model, [video], EngineOptions(**options))
+    return encode_chunks(model, [video], _whole_clip_options(model, **options))
 
 
 def _chunk_bounds(length: int, chunk: int, first_extra: int = 1) -> list[tuple[int, int]]:
@@ -467,7 +547,8 @@ def latent_chunk_frames(model, opts: EngineOptions) -> int:
 
 def decode_chunks(model, z: Tensor, opts: EngineOptions | None = None) -> Iterator[Tensor]:
     """Decode unscaled latents (1, z, T', h, w) chunk by chunk; yields float32 NCTHW chunks in
-    [-1, 1] (not clamped) of the padded clip, in order, on ``opts.device``.
+    [-1, 1] (not clamped) of the padded clip, in order, on ``opts.device``. With tiling and
+    ``tile_order='tile'`` the whole clip is decoded (tile by tile) before the first chunk is yielded.
 
     Gradients are off inside each step only (not across the yields, which would switch them off in
     the caller too), and no ``torch.no_grad()`` generator wrapper is used: it keeps the last yielded
@@ -484,10 +565,17 @@ def decode_chunks(model, z: Tensor, opts: EngineOptions | None = None) -> Iterat
         yield whole
         return
     plan = plan_tiles(model, z.shape[-2], z.shape[-1], opts, encoder=False)
-    tile_caches, stem_cache = _new_caches(opts, plan)
     bounds = _chunk_bounds(z.shape[2], latent_chunk_frames(model, opts))
-    progress = _progress(opts, "decode", unit="chunk", total=len(bounds))
     stem, body = decode_steps(model, opts.compile)
+    if plan is not None and opts.tile_order == "tile":
+        chunks = _decode_tiles_over_clip(model, z, bounds, plan, stem, body, opts)
+        while chunks:
+            chunk = chunks.pop(0).float()
+            yield chunk
+            del chunk
+        return
+    tile_caches, stem_cache = _new_caches(opts, plan)
+    progress = _progress(opts, "decode", unit="chunk", total=len(bounds))
     for a, b in bounds:
         with torch.no_grad():
             features, stem_cache = stem(z[:, :, a:b].to(opts.device, opts.dtype), stem_cache)
@@ -497,6 +585,19 @@ def decode_chunks(model, z: Tensor, opts: EngineOptions | None = None) -> Iterat
         del chunk
         progress.update(1)
     progress.close()
+
+
+def _decode_tiles_over_clip(model, z: Tensor, bounds, plan: TilePlan, stem, body, opts: EngineOptions) -> list[Tensor]:
+    """Tile-major decode: the untiled stem runs chunk by chunk over the whole clip first (its
+    latent-resolution features are kept), then each tile runs through all chunks."""
+    with torch.no_grad():
+        stem_cache = CausalCache() if opts.chunk_frames else None
+        features = []
+        for a, b in bounds:
+            f, stem_cache = stem(z[:, :, a:b].to(opts.device, opts.dtype), stem_cache)
+            features.append(f)
+        del stem_cache, f
+        return _run_tiles_over_clip(body, features, plan, 1, model.space_factor, opts, "decode tiles")
 
 
 def decode_steps(model, mode: str = "none"):
@@ -533,7 +634,7 @@ def _compiled(fn, mode: str):
 def decode_tensor(model, z: Tensor, geometry: VideoGeometry | None = None, **options) -> Tensor:
     """Decode latents through the engine to one float32 NCTHW clip in [-1, 1] (not clamped),
     cropped to ``geometry`` when given."""
-    opts = EngineOptions(**options)
+    opts = _whole_clip_options(model, **options)
     out = torch.cat([c.cpu() for c in decode_chunks(model, z, opts)], dim=2)
     if geometry is not None:
         out = out[:, :, : geometry.frames, : geometry.height, : geometry.width]
@@ -612,7 +713,7 @@ def tokenize_frames(model, frames: Iterable[Tensor], opts: EngineOptions | None 
 
 def tokenize_tensor(model, video: Tensor, **options) -> TokenizeResult:
     """Tokenise a (1, 3, T, H, W) clip in [-1, 1] (any T, H, W) through the engine."""
-    return tokenize_chunks(model, [video], EngineOptions(**options))
+    return tokenize_chunks(model, [video], _whole_clip_options(model, **options))
 
 
 def detokenize_chunks(model, tokens, opts: EngineOptions | None = None) -> Iterator[Tensor]:
@@ -648,7 +749,7 @@ def detokenize_frames(model, tokens, geometry: VideoGeometry, opts: EngineOption
 def detokenize_tensor(model, tokens, geometry: VideoGeometry | None = None, **options) -> Tensor:
     """Decode tokens through the engine to one float32 NCTHW clip in [-1, 1] (not clamped), cropped
     to ``geometry`` when given."""
-    opts = EngineOptions(**options)
+    opts = _whole_clip_options(model, **options)
     out = torch.cat([c.cpu() for c in detokenize_chunks(model, tokens, opts)], dim=2)
     if geometry is not None:
         out = out[:, :, : geometry.frames, : geometry.height, : geometry.width]
@@ -710,7 +811,8 @@ def peak_parts(
     model, chunk_frames: int, tile_h: int, tile_w: int, dtype: torch.dtype, frame_h: int, frame_w: int,
     cache_per_pixel: float | None = None,
 ) -> PeakParts:
-    """The parts of :func:`estimate_peak_bytes` (same arguments), unscaled."""
+    """The parts of :func:`estimate_peak_bytes` (same arguments), unscaled. Tiled plans are
+    costed in chunk order (every tile's caches alive), the order of the streams it plans for."""
     _require_memory_model(model)
     cfg = model.config
     item = torch.empty((), dtype=dtype).element_size()

@@ -81,6 +81,26 @@ def test_forced_triton_selects_triton(monkeypatch):
     assert seen == ["to_uint8_frames"]
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_graph_capture_gets_the_reference_in_one_graph(backend, monkeypatch, no_triton_impl):
+    """Under torch.compile every op is the reference, whatever the backend: one graph, no break
+    (fullgraph=True raises on any), and the reference's values."""
+    monkeypatch.setenv("VIDEOVAE_KERNELS", backend)
+    monkeypatch.setattr(K, "triton_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch._dynamo.reset()
+    x = torch.randn(1, 6, 3, 5, 7)
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+
+    def ops(x):
+        y = K.group_norm_silu(x, w, b, 3) + K.rms_norm_silu(x, w)
+        return K.to_uint8_frames(K.causal_pad3d(y, 2, 1, 1)[:, :3])
+
+    compiled = torch.compile(ops, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), K.to_uint8_frames_ref(K.causal_pad3d_ref(
+        K.group_norm_silu_ref(x, w, b, 3) + K.rms_norm_silu_ref(x, w), 2, 1, 1)[:, :3]))
+
+
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("VIDEOVAE_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
