@@ -21,7 +21,9 @@ def test_smoke_run_writes_the_report(tmp_path):
     assert gpu_check.main(["--smoke", "--skip-tests", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     modes = {r["mode"] for r in report["e2e"]}
-    assert modes == {"whole", "1 latent/chunk", "16-frame chunks", "16-frame chunks, 256 px tiles"}
+    assert modes == {"whole", "1 latent/chunk", "16-frame chunks", "16-frame chunks, 256 px tiles",
+                     "1 latent/chunk, 256 px tiles"}
+    assert all(r["graphs_compiled_while_timed"] == 0 for r in report["e2e"])  # eager: nothing compiled
     assert all(r["decode_psnr_vs_whole"] == 100.0 for r in report["e2e"])  # tiny streams exactly
     assert {r["mode"] for r in report["accuracy"]} == {"1 latent/chunk", "16-frame chunks",
                                                          "16-frame chunks, 128 px tiles"}
