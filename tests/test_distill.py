@@ -16,7 +16,7 @@ from videovae.models import from_preset
 from videovae.models.turbo_vaed import TurboPair, TurboPairConfig
 from videovae.synthetic import write_synthetic_video
 from videovae.train.config import ConfigError, load_config
-from videovae.train.distill import AlignHead, Distiller, auto_align_pairs, distill, plan_alignment
+from videovae.train.distill import AlignHead, Distiller, auto_align_pairs, build_student, distill, plan_alignment
 
 CONFIG = Path(__file__).resolve().parents[1] / "train" / "configs" / "distill_tiny.yaml"
 
@@ -262,6 +262,27 @@ def test_distilling_from_a_turbo_pair_is_refused(files, tmp_path):
     with pytest.raises(ConfigError, match="must be a VAE"):
         distill(load_config(CONFIG, _overrides(files, tmp_path / "run", "max_steps=1",
                                                f"distill.teacher={tmp_path / 'pair.safetensors'}")))
+
+
+def test_the_student_can_start_from_a_distilled_decoder(files, tmp_path):
+    """distill.student_init: the student starts as the turbo decoder of a pair (or a turbo checkpoint)
+    of the student preset's architecture, e.g. to re-distil after the teacher trained on."""
+    torch.manual_seed(5)
+    earlier = from_preset("turbo-tiny")
+    pair = TurboPair.from_models(_teacher(0), earlier, "0" * 64)
+    save_checkpoint(tmp_path / "pair.safetensors", pair)
+    save_checkpoint(tmp_path / "student.safetensors", earlier)
+    for init in ("pair.safetensors", "student.safetensors"):
+        cfg = load_config(CONFIG, _overrides(files, tmp_path / "run", f"distill.student_init={tmp_path / init}"))
+        student = build_student(cfg, _teacher(0))
+        for key, value in earlier.state_dict().items():
+            assert torch.equal(student.state_dict()[key], value), key
+    assert not torch.equal(from_preset("turbo-tiny").state_dict()["decoder.conv_in.conv.weight"],
+                           earlier.state_dict()["decoder.conv_in.conv.weight"])  # the init is not the preset's
+    for wrong, message in ((files["teacher"], "not a turbo decoder"), ("turbo-vv-s16", "another architecture")):
+        cfg = load_config(CONFIG, _overrides(files, tmp_path / "run", f"distill.student_init={wrong}"))
+        with pytest.raises(ConfigError, match=message):
+            build_student(cfg, _teacher(0))
 
 
 def test_distillation_with_lpips_from_local_weights(files, tmp_path):

@@ -35,15 +35,23 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _shm_buffers_left(port: int) -> list[Path]:
+    """DeepSpeed CPU all-reduce buffers of the run on ``port`` still named in /dev/shm (the trainer
+    unlinks them once every rank has mapped them; each is 66 MB of RAM until unlinked)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
 def _launch(run_dir: Path, clip: Path, *extra: str) -> subprocess.CompletedProcess:
     launcher = str(LAUNCHER) if LAUNCHER.is_file() else shutil.which("deepspeed")
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(_port()), "--module", "videovae.train.vae",
+    port = _port()
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), "--module", "videovae.train.vae",
            "--config", str(CONFIG), f"data.paths=[{clip}]", f"run_dir={run_dir}", "data.size=32",
            "data.num_frames=5", "data.num_workers=0", "batch_size=1", "max_steps=4", "loss.disc_start=1",
            "disc.channels=8", "deepspeed.zero_stage=2", "val_clips=1", "val_every=100", "save_every=100",
            "log_every=1", "progress=false", *extra]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _shm_buffers_left(port) == []
     return proc
 
 
@@ -93,13 +101,15 @@ def test_two_rank_distillation_resumes_and_exports_a_pair(tmp_path):
     launcher = str(LAUNCHER) if LAUNCHER.is_file() else shutil.which("deepspeed")
 
     def launch(*extra: str) -> subprocess.CompletedProcess:
-        cmd = [launcher, "--num_gpus", "2", "--master_port", str(_port()), "--module", "videovae.train.distill",
+        port = _port()
+        cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), "--module", "videovae.train.distill",
                "--config", str(config), "--teacher", str(teacher), f"data.paths=[{clip}]", f"run_dir={run_dir}",
                "data.size=32", "data.num_frames=9", "data.num_workers=0", "batch_size=1", "max_steps=4",
                "deepspeed.zero_stage=2", "val_clips=1", "val_every=100", "save_every=100", "log_every=1",
                "progress=false", "engine=deepspeed", *extra]
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert _shm_buffers_left(port) == []
         return proc
 
     launch("run_steps=2")

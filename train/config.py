@@ -109,6 +109,10 @@ class DistillConfig:
 
     teacher: str | None = None  # videovae checkpoint of the teacher (any VAE family; converted official weights too)
     student: str = "turbo-tiny"  # a turbo-vaed preset with the teacher's latent geometry
+    # optional start for the student: a turbo-vaed checkpoint or turbo pair (a file or a shipped name,
+    # e.g. turbo-vv-s16) with the student preset's architecture; re-distilling after the teacher
+    # trained on then starts from the decoder distilled before instead of from scratch
+    student_init: str | None = None
     # feature alignment: relative MSE of projected student features to teacher decoder features
     align_weight: float = 0.1  # 0 = off (the teacher's decoder is then never run)
     # "level=teacher_module" pairs (student level output, 0 = latent resolution; a module path in the

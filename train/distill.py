@@ -288,11 +288,29 @@ def build_student(cfg: TrainConfig, teacher: nn.Module) -> TurboVAED:
     student = from_preset(cfg.distill.student)
     if not isinstance(student, TurboVAED):
         raise ConfigError(f"distill.student: {cfg.distill.student} is not a turbo-vaed preset")
+    if cfg.distill.student_init:
+        student.load_state_dict(_initial_student(cfg.distill.student_init, student).state_dict())
     mine = (student.latent_channels, student.time_factor, student.space_factor)
     theirs = (teacher.latent_channels, teacher.time_factor, teacher.space_factor)
     if mine != theirs:
         raise ConfigError(f"distill.student: {cfg.distill.student} decodes (latent channels, time factor, space "
                           f"factor) {mine}, the teacher encodes {theirs}")
+    return student
+
+
+def _initial_student(value: str, preset: TurboVAED) -> TurboVAED:
+    """The turbo decoder of checkpoint ``value`` (a turbo-vaed model, or a turbo pair's student),
+    which must have the student preset's architecture."""
+    from videovae.shipped import resolve_weights
+
+    path, _ = resolve_weights(value)
+    model = load_checkpoint(path).float()
+    student = model.student if isinstance(model, TurboPair) else model
+    if not isinstance(student, TurboVAED):
+        raise ConfigError(f"distill.student_init: {path} is a {model.family} model, not a turbo decoder or pair")
+    if student.config != preset.config:
+        raise ConfigError(f"distill.student_init: {path} holds a turbo decoder of another architecture than "
+                          f"the student preset ({student.config} vs {preset.config})")
     return student
 
 

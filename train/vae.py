@@ -196,7 +196,27 @@ def setup_distributed(threads: int = 0, engine: str = "deepspeed") -> tuple[int,
     deepspeed.init_distributed(verbose=False)
     import torch.distributed as dist
 
+    _unlink_shm_buffer(dist.get_rank())
     return dist.get_rank(), dist.get_world_size()
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """The ``/dev/shm`` file of DeepSpeed's CPU all-reduce buffer of ``rank`` in this run."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU backend creates a 66 MB shared-memory all-reduce buffer per rank and never
+    unlinks it, so every CPU run would leave its buffers in ``/dev/shm`` (RAM) for good. Once every
+    rank has mapped every buffer (init maps them all; the barrier waits for every rank's init) the
+    names are removed; the mappings live on until the processes exit."""
+    import torch.distributed as dist
+
+    if os.environ.get("DS_ACCELERATOR") != "cpu":
+        return
+    dist.barrier()
+    shm_buffer_path(rank).unlink(missing_ok=True)
 
 
 def _distributed() -> bool:
