@@ -27,7 +27,7 @@ def check_out_call(op: str, x: torch.Tensor, out: torch.Tensor) -> None:
         raise ValueError(f"out must be {tuple(x.shape)} {x.dtype} on {x.device}, got {tuple(out.shape)} "
                          f"{out.dtype} on {out.device}")
     h, w = x.shape[-2:]
-    if out.stride(-1) != 1 or out.stride(-2) != w or (out.dim() == 5 and out.stride(2) < h * w):
+    if out.stride(-1) != 1 or out.stride(-2) != w or out.stride(2) < h * w:
         raise ValueError(f"out needs contiguous frames, got strides {out.stride()}")
 
 

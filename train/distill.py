@@ -289,7 +289,7 @@ def build_student(cfg: TrainConfig, teacher: nn.Module) -> TurboVAED:
     if not isinstance(student, TurboVAED):
         raise ConfigError(f"distill.student: {cfg.distill.student} is not a turbo-vaed preset")
     if cfg.distill.student_init:
-        student.load_state_dict(_initial_student(cfg.distill.student_init, student).state_dict())
+        student = _initial_student(cfg.distill.student_init, student)
     mine = (student.latent_channels, student.time_factor, student.space_factor)
     theirs = (teacher.latent_channels, teacher.time_factor, teacher.space_factor)
     if mine != theirs:
