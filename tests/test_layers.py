@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from videovae import layers
 from videovae.layers import (
+    WINDOW_FRAMES,
     CausalCache,
     CausalConv3d,
     Conv2dPerFrame,
@@ -218,6 +220,61 @@ def test_forward_normed_writes_the_norm_into_the_conv_input(norm_kind, time_pad)
             assert seen["tail_at_conv_time"] is None
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
             torch.testing.assert_close(got_cache.get("conv"), want_cache.get("conv"), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "norm_kind,time_pad", [("group_frame", "replicate"), ("group_clip", "zeros"), ("rms", "zeros")]
+)
+def test_long_inputs_go_through_a_window_with_the_plain_values(norm_kind, time_pad, monkeypatch):
+    """Inference on inputs longer than WINDOW_FRAMES: the conv sees at most pad_t + WINDOW_FRAMES
+    input frames per call (the padded clip never exists), per-clip GroupNorm statistics are still
+    the whole input's, the carried tail is the plain path's, and ``overwrite`` puts a same-shaped
+    result into the input's own storage."""
+    norm = _randomise(Norm(norm_kind, 8, groups=4))
+    conv = _randomise(CausalConv3d(8, 8, 3, time_pad=time_pad), seed=1)
+    conv.cache_key = "conv"
+    x = torch.randn(1, 8, 2 * WINDOW_FRAMES + 3, 6, 5) * 2 + 1
+    calls = []
+    conv.conv.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[2]))
+    with torch.no_grad():  # on the CPU, frames this small keep one call (oneDNN needs larger inputs)
+        conv.forward_normed(norm, x)
+    assert calls == [x.shape[2] + 2]
+    monkeypatch.setattr(layers, "CPU_WINDOW_MIN_NCTH", 0)
+    for sizes in ([x.shape[2]], [WINDOW_FRAMES + 1, x.shape[2] - WINDOW_FRAMES - 1]):
+        want_cache, got_cache = CausalCache(), CausalCache()
+        start = 0
+        for size in sizes:
+            chunk = x[:, :, start : start + size]
+            start += size
+            with torch.enable_grad():  # the plain composition
+                want, want_cache = conv(norm(chunk, silu=True), want_cache)
+            calls.clear()
+            with torch.no_grad():
+                own = chunk.clone()
+                got, got_cache = conv.forward_normed(norm, own, got_cache, overwrite=True)
+            assert max(calls) <= 2 + WINDOW_FRAMES and sum(c - 2 for c in calls) == size
+            assert got.untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
+            torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=0)
+            torch.testing.assert_close(got_cache.get("conv"), want_cache.get("conv").detach(), atol=1e-5, rtol=0)
+    with torch.no_grad():  # without overwrite the input is left alone
+        kept = x.clone()
+        conv.forward_normed(norm, kept)
+    assert torch.equal(kept, x)
+
+
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+def test_resblock_in_windows_matches_the_gradient_path(kind, monkeypatch):
+    """A residual block with a 1x1 shortcut on a long input: windows, conv2 written over its own
+    input and the shortcut added window by window give the plain (gradient-path) values."""
+    monkeypatch.setattr(layers, "CPU_WINDOW_MIN_NCTH", 0)
+    block = _randomise(ResBlock(8, 4, kind, LayerOptions(norm="group_clip", groups=4)))
+    assign_cache_keys(block)
+    x = torch.randn(1, 8, 2 * WINDOW_FRAMES + 1, 6, 5)
+    with torch.enable_grad():
+        want = block(x)[0].detach()
+    with torch.no_grad():
+        got = block(x)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_forward_normed_with_gradients_is_the_plain_composition():

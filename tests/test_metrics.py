@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from videovae.io import to_model_range
-from videovae.metrics import MetricAccumulator, psnr, ssim, temporal_flicker, video_metrics
+from videovae.metrics import MetricAccumulator, drift_psnr, psnr, ssim, temporal_flicker, video_metrics
 from videovae.synthetic import synthetic_video
 
 
@@ -115,6 +115,25 @@ def test_temporal_flicker():
     z = _noisy(x, 0.05)
     diff_b = z[:, :, 1:] - z[:, :, :-1]
     assert temporal_flicker(x, z) == pytest.approx(float((diff_b - diff_a).abs().mean()), rel=1e-12)
+
+
+def test_drift_psnr_separates_head_and_tail():
+    """Noise only on the last 8 of 20 frames: the head is perfect, the tail has the noise's PSNR."""
+    x = torch.zeros(1, 3, 20, 8, 8, dtype=torch.float64)
+    y = x.clone()
+    y[:, :, 12:] += 0.1  # MSE 0.01 -> 10 log10(4 / 0.01) dB
+    d = drift_psnr(x, y)
+    assert d["psnr_first_9"] == math.inf
+    assert d["psnr_last_8"] == pytest.approx(10 * math.log10(400))
+    y[:, :, 11] += 0.1  # frame 11 is in neither part
+    assert drift_psnr(x, y) == d
+    with pytest.raises(ValueError, match="at least 17 frames, got 16"):
+        drift_psnr(x[:, :, :16], y[:, :, :16])
+    acc = MetricAccumulator()
+    for t in range(0, 20, 7):  # chunks of 7, 7, 6 frames
+        acc.update(x[:, :, t : t + 7], y[:, :, t : t + 7])
+    assert {k: acc.result()[k] for k in d} == d
+    assert "psnr_last_8" not in video_metrics(x[:, :, :16], y[:, :, :16])
 
 
 def test_video_metrics_dict():

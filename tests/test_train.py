@@ -267,6 +267,31 @@ def test_validation_on_held_out_media(clip, tmp_path):
     assert val and val[-1]["psnr"] == pytest.approx(expected, abs=1e-3)
 
 
+def test_validation_on_longer_clips_logs_drift(clip, tmp_path):
+    """data.val_num_frames validates on clips longer than the training clips and logs the PSNR of
+    their first 9 and last 8 frames (a causal state that drifts past the training length shows)."""
+    held_out = tmp_path / "held_out.mp4"
+    write_synthetic_video(held_out, 17, 32, 32, seed=9, crf=10)
+    run_dir = tmp_path / "run"
+    train(load_config(CONFIG, _overrides(clip, run_dir, "max_steps=1", "engine=torch", f"data.val_paths=[{held_out}]",
+                                         "data.val_num_frames=17", "loss.disc_start=100")))
+    from videovae.io import VideoReader, to_model_range
+    from videovae.metrics import drift_psnr
+
+    with VideoReader(held_out) as reader:
+        x = to_model_range(reader.read_all())
+    model = load_checkpoint(run_dir / "vae.safetensors")
+    with torch.no_grad():
+        expected = drift_psnr(x, model(x, sample=False)[0].clamp(-1, 1))
+    val = [r for r in _train_log(run_dir) if r["kind"] == "val"][-1]
+    assert val["psnr_first_9"] == pytest.approx(expected["psnr_first_9"], abs=1e-3)
+    assert val["psnr_last_8"] == pytest.approx(expected["psnr_last_8"], abs=1e-3)
+    with pytest.raises(ConfigError, match="val_num_frames=15"):
+        train(load_config(CONFIG, _overrides(clip, tmp_path / "bad", "data.val_num_frames=15")))
+    with pytest.raises(ConfigError, match="val_num_frames must be >= 0"):
+        load_config(CONFIG, _overrides(clip, tmp_path / "bad", "data.val_num_frames=-1"))
+
+
 # --- joint continuous/discrete training (OneVAE) --------------------------------------------------------
 
 

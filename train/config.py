@@ -39,6 +39,9 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # folders, video/image files, or .txt list files
     val_paths: list[str] = field(default_factory=list)  # held-out media for validation (empty: draw from paths)
     num_frames: int = 9  # clip length, must be 1 + k * time_factor of the model
+    # validation clip length (0: num_frames). Longer than num_frames shows whether the causal state
+    # drifts past the training length (validation then also logs psnr_first_9 / psnr_last_8)
+    val_num_frames: int = 0
     size: int = 64  # square training crop, a multiple of the model's space_factor
     max_stride: int = 2  # temporal stride drawn uniformly from 1..max_stride (clamped to the video)
     crop_scale_min: float = 0.6  # crop side as a fraction of the short side, drawn from [min, 1]
@@ -314,6 +317,8 @@ def validate(cfg: TrainConfig) -> None:
                         ("save_every", cfg.save_every), ("keep_checkpoints", cfg.keep_checkpoints)):
         if value < 1:
             problems.append(f"{name} must be >= 1, got {value}")
+    if d.val_num_frames < 0:
+        problems.append(f"data.val_num_frames must be >= 0 (0: data.num_frames), got {d.val_num_frames}")
     if d.num_workers < 0 or cfg.val_clips < 0 or cfg.run_steps < 0 or cfg.threads < 0 or o.warmup_steps < 0:
         problems.append("data.num_workers, val_clips, run_steps, threads and optim.warmup_steps must be >= 0")
     if not 0.0 <= o.ema_decay < 1.0:
@@ -355,8 +360,9 @@ def validate(cfg: TrainConfig) -> None:
 def check_against_model(cfg: TrainConfig, time_factor: int, space_factor: int) -> None:
     """The clip geometry must fit the model: T = 1 + k * time_factor, size a multiple of space_factor."""
     d = cfg.data
-    if (d.num_frames - 1) % time_factor:
-        raise ConfigError(f"data.num_frames={d.num_frames} is not 1 + k*{time_factor} for preset {cfg.model.preset}")
+    for key, frames in (("num_frames", d.num_frames), ("val_num_frames", d.val_num_frames or d.num_frames)):
+        if (frames - 1) % time_factor:
+            raise ConfigError(f"data.{key}={frames} is not 1 + k*{time_factor} for preset {cfg.model.preset}")
     if d.size % space_factor:
         raise ConfigError(f"data.size={d.size} is not a multiple of {space_factor} for preset {cfg.model.preset}")
 

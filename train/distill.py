@@ -52,7 +52,7 @@ from videovae.checkpoint import load_checkpoint, model_digest, save_checkpoint
 from videovae.fileutil import atomic_path
 from videovae.io import write_png
 from videovae.layers import batch_to_frames, frames_to_batch
-from videovae.metrics import psnr, ssim
+from videovae.metrics import DRIFT_HEAD, DRIFT_TAIL, drift_psnr, psnr, ssim
 from videovae.models import from_preset
 from videovae.models.turbo_vaed import DECODE_SIDE, TurboPair, TurboVAED
 
@@ -332,7 +332,8 @@ def parse_align(pairs: list[str]) -> list[tuple[int, str]]:
 def validate(distiller: Distiller, teacher: nn.Module, clips: list[Tensor]) -> tuple[dict, Tensor]:
     """Posterior-mean latents of the fixed clips decoded by the student and by the teacher ->
     ({psnr, ssim (student vs clip), teacher_psnr, teacher_ssim, psnr_vs_teacher}, preview of
-    original | teacher | student)."""
+    original | teacher | student); clips of 17 frames or more also give the drift PSNRs
+    (``psnr_first_9``, ``psnr_last_8`` and their ``teacher_`` twins)."""
     student = distiller.student
     param = next(student.parameters())
     was_training = distiller.training
@@ -347,6 +348,9 @@ def validate(distiller: Distiller, teacher: nn.Module, clips: list[Tensor]) -> t
         for key, (a, b) in {"": (x, ours), "teacher_": (x, theirs)}.items():
             scores.setdefault(f"{key}psnr", []).append(psnr(a, b).clamp(max=100).mean().item())
             scores.setdefault(f"{key}ssim", []).append(ssim(a, b).mean().item())
+            if x.shape[2] >= DRIFT_HEAD + DRIFT_TAIL:
+                for name, value in drift_psnr(a, b).items():
+                    scores.setdefault(f"{key}{name}", []).append(value)
         scores.setdefault("psnr_vs_teacher", []).append(psnr(theirs, ours).clamp(max=100).mean().item())
         if preview is None:
             preview = preview_image(x[0], theirs[0], ours[0])

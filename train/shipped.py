@@ -155,7 +155,7 @@ def evaluate(weights: str | None, frames: int = 33, size: int = 256) -> dict:
     import time
 
     import videovae
-    from videovae.metrics import video_metrics
+    from videovae.metrics import DRIFT_HEAD, DRIFT_TAIL, drift_psnr, video_metrics
 
     model = videovae.load(weights)
     out: dict = {"clips": {}, "frames": frames, "size": size, "threads": torch.get_num_threads()}
@@ -171,10 +171,13 @@ def evaluate(weights: str | None, frames: int = 33, size: int = 256) -> dict:
                 y = model.decode_video(enc.mean, enc.geometry, progress=False).clamp(-1, 1)
             m = video_metrics(x, y)
             out["clips"][name] = {"group": group, "psnr": m["psnr"], "ssim": m["ssim"]}
+            if x.shape[2] >= DRIFT_HEAD + DRIFT_TAIL:
+                out["clips"][name].update(drift_psnr(x, y))
     for group in groups:
         rows = [v for v in out["clips"].values() if v["group"] == group]
         if rows:
-            out[group] = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim")}
+            keys = [k for k in rows[0] if k != "group"]
+            out[group] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     x = torch.rand(1, 3, 17, 256, 256) * 2 - 1
     with torch.no_grad():
         model.encode(x[:, :, :5, :64, :64])

@@ -45,7 +45,7 @@ import torch
 from videovae.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from videovae.fileutil import atomic_path
 from videovae.io import from_model_range, write_png
-from videovae.metrics import psnr, ssim
+from videovae.metrics import DRIFT_HEAD, DRIFT_TAIL, drift_psnr, psnr, ssim
 from videovae.models import from_preset
 from videovae.quantizers import CodebookUsage
 
@@ -435,13 +435,15 @@ def training_dataset(cfg: TrainConfig, rank: int) -> ClipDataset:
 
 
 def validation_clips(cfg: TrainConfig, dataset: ClipDataset, is_main: bool) -> list[torch.Tensor]:
-    """The fixed validation clips (rank 0 only): from ``data.val_paths`` when given, else the training media."""
+    """The fixed validation clips (rank 0 only), ``data.val_num_frames`` long: from ``data.val_paths``
+    when given, else the training media."""
     if not is_main or not cfg.val_clips:
         return []
     d = cfg.data
+    frames = d.val_num_frames or d.num_frames
     source = dataset
-    if d.val_paths:
-        source = ClipDataset(d.val_paths, num_frames=d.num_frames, size=d.size, max_stride=d.max_stride,
+    if d.val_paths or frames != d.num_frames:
+        source = ClipDataset(d.val_paths or d.paths, num_frames=frames, size=d.size, max_stride=d.max_stride,
                              crop_scale_min=d.crop_scale_min, batch_size=1, seed=cfg.seed, backend=d.backend,
                              decode_short_side=d.decode_short_side, cache_mb=0, max_video_frames=d.max_video_frames)
     return source.validation_clips(cfg.val_clips)
@@ -523,6 +525,9 @@ def validate(model: torch.nn.Module, clips: list[torch.Tensor], compat=None,
             recon = recon.float().clamp(-1, 1)
             scores.setdefault(f"psnr{suffix}", []).append(psnr(x, recon).clamp(max=100).mean().item())
             scores.setdefault(f"ssim{suffix}", []).append(ssim(x, recon).mean().item())
+            if x.shape[2] >= DRIFT_HEAD + DRIFT_TAIL:
+                for key, value in drift_psnr(x, recon).items():
+                    scores.setdefault(f"{key}{suffix}", []).append(value)
         if preview is None:
             preview = preview_image(x[0], recon[0])
     model.train(was_training)

@@ -210,14 +210,89 @@ class CausalConv3d(CausalModule):
         return self._run_padded(self._pad(x, tail), x.shape[2], cache)
 
     def forward_normed(
-        self, norm: Norm, x: Tensor, cache: CausalCache | None = None
+        self, norm: Norm, x: Tensor, cache: CausalCache | None = None, overwrite: bool = False
     ) -> tuple[Tensor, CausalCache | None]:
         """``self(norm(x, silu=True), cache)``. In inference the normalised tensor is written straight
         into the time-padded input buffer, so it never exists as a separate copy (the peak of a
-        residual block drops by one activation); with gradients it is the plain composition."""
+        residual block drops by one activation), and inputs longer than ``WINDOW_FRAMES`` frames go
+        through a window of that many frames (:meth:`_forward_normed_in_windows`); with gradients
+        it is the plain composition. ``overwrite``: the caller no longer needs ``x``, so a result of
+        ``x``'s shape may be written into it as the windows move on."""
         if not self.writes_in_place(x, cache):
             return self(norm(x, silu=True, cache=cache), cache)
+        if self.windows(x.shape, x.device, cache):
+            return self._forward_normed_in_windows(norm, x, cache, overwrite)
         return self.forward_written(lambda frames: norm(x, silu=True, cache=cache, out=frames), x.shape, x, cache)
+
+    def _forward_normed_in_windows(
+        self, norm: Norm, x: Tensor, cache: CausalCache | None, overwrite: bool
+    ) -> tuple[Tensor, CausalCache | None]:
+        """:meth:`forward_normed` through :meth:`forward_written_in_windows`. Norm statistics are
+        those of all of ``x`` (a per-clip GroupNorm's are gathered first), so the result is the
+        same as normalising the whole of ``x``."""
+        stats = norm.clip_statistics(x)
+
+        def write(t0: int, frames: Tensor) -> None:
+            norm(x[:, :, t0 : t0 + frames.shape[2]], silu=True, out=frames, stats=stats)
+
+        return self.forward_written_in_windows(write, x.shape, x, cache, x if overwrite else None)
+
+    def forward_written_in_windows(
+        self, write, shape: torch.Size | tuple[int, ...], like: Tensor, cache: CausalCache | None,
+        reuse: Tensor | None = None,
+    ) -> tuple[Tensor, CausalCache | None]:
+        """:meth:`forward_written` ``WINDOW_FRAMES`` output frames at a time (inference, stride 1):
+        ``write(t0, frames)`` produces input frames ``t0 : t0 + frames.shape[2]`` into the window, so
+        the time-padded input exists only as a window of ``pad_t + WINDOW_FRAMES`` frames, not for
+        the whole clip. Output frames ``t0:t1`` need input frames up to ``t1`` only, which the window
+        holds by then: ``reuse`` (an input the caller no longer needs, of the result's shape and
+        dtype) receives the result."""
+        pad_t = self.kernel_t - 1
+        tail = cache.take(self.cache_key) if cache is not None else None
+        n, c, t, h, w = shape
+        window = torch.empty((n, c, pad_t + WINDOW_FRAMES, h, w), dtype=like.dtype, device=like.device)
+        y = None
+        for t0 in range(0, t, WINDOW_FRAMES):
+            frames = min(WINDOW_FRAMES, t - t0)
+            write(t0, window[:, :, pad_t : pad_t + frames])
+            if t0 == 0:
+                self._fill_head(window, tail)
+                del tail
+            out = self.conv(window[:, :, : pad_t + frames])
+            if y is None:  # (N, C_out, T, H_out, W_out)
+                result = (n, out.shape[1], t, *out.shape[3:])
+                reusable = reuse is not None and reuse.shape == result and reuse.dtype == out.dtype
+                y = reuse if reusable else out.new_empty(result)
+            y[:, :, t0 : t0 + frames] = out
+            del out
+            # the last pad_t frames of this window lead the next one (a copy: the ranges may overlap)
+            window[:, :, :pad_t] = window[:, :, frames : frames + pad_t].clone()
+        if cache is not None and pad_t:
+            cache.set(self.cache_key, window[:, :, :pad_t].clone())
+        return y, cache
+
+    def windows(self, shape: torch.Size | tuple[int, ...], device: torch.device, cache: CausalCache | None) -> bool:
+        """Whether an inference input of ``shape`` (N, C, T, H, W, as the conv reads it) goes through
+        :meth:`forward_written_in_windows`: stride 1, longer than one window, no tile-norm statistics
+        exchange (which needs whole-chunk norm calls), and on the CPU a window large enough for
+        oneDNN: PyTorch runs a 3D conv with N*C*T*H <= 20480 through its slow reference kernel (about
+        6x slower here), so small frames keep the whole-chunk buffer."""
+        n, c, t, h = shape[:4]
+        if self.stride_t != 1 or t <= WINDOW_FRAMES or (cache is not None and cache.norm_sync is not None):
+            return False
+        return device.type != "cpu" or n * c * (self.kernel_t - 1 + WINDOW_FRAMES) * h > CPU_WINDOW_MIN_NCTH
+
+    def _fill_head(self, padded: Tensor, tail: Tensor | None) -> None:
+        """Time padding in front of the frames of ``padded`` (N, C, pad_t + T, H, W): the previous
+        chunk's tail, else copies of the first frame (``replicate``) or zeros."""
+        pad_t = self.kernel_t - 1
+        head = padded[:, :, :pad_t]
+        if tail is not None:
+            head.copy_(tail)
+        elif self.time_pad == "replicate":
+            head.copy_(padded[:, :, pad_t : pad_t + 1].expand_as(head))
+        else:
+            head.zero_()
 
     def writes_in_place(self, x: Tensor, cache: CausalCache | None) -> bool:
         """Whether an input may be written straight into the padded buffer: inference outside graph
@@ -241,13 +316,7 @@ class CausalConv3d(CausalModule):
         n, c, t, h, w = shape
         padded = torch.empty((n, c, pad_t + t, h, w), dtype=like.dtype, device=like.device)
         write(padded[:, :, pad_t:])
-        head = padded[:, :, :pad_t]
-        if tail is not None:
-            head.copy_(tail)
-        elif self.time_pad == "replicate":
-            head.copy_(padded[:, :, pad_t : pad_t + 1].expand_as(head))
-        else:
-            head.zero_()
+        self._fill_head(padded, tail)
         del tail
         return self._run_padded(padded, t, cache)
 
@@ -266,6 +335,13 @@ class CausalConv3d(CausalModule):
             consumed = y.shape[2] * self.stride_t
             cache.set(self.cache_key, padded[:, :, consumed:, top : h - bottom, left : w - right].detach().clone())
         return y, cache
+
+
+# Frames per window of CausalConv3d.forward_normed on longer inputs: a few frames keep the calls
+# large; the padded copy of a whole clip (one activation of its size) is gone.
+WINDOW_FRAMES = 4
+# PyTorch's oneDNN threshold for CPU 3D convs (N*C*T*H of the input; smaller ones take the slow kernel)
+CPU_WINDOW_MIN_NCTH = 20480
 
 
 def _capturing_graph() -> bool:
@@ -305,12 +381,22 @@ class Norm(CausalModule):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(
-        self, x: Tensor, silu: bool = False, cache: CausalCache | None = None, out: Tensor | None = None
+        self,
+        x: Tensor,
+        silu: bool = False,
+        cache: CausalCache | None = None,
+        out: Tensor | None = None,
+        stats: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Normalise ``x`` (N, C, T, H, W); ``out`` (inference only): an ``x``-shaped view with
-        contiguous frames that receives the result (see :meth:`CausalConv3d.forward_normed`)."""
+        contiguous frames that receives the result (see :meth:`CausalConv3d.forward_normed`);
+        ``stats``: a per-clip GroupNorm's (mean, variance) from :meth:`clip_statistics` of a clip
+        that ``x`` is a time slice of."""
         if self.kind == "rms":
             return rms_norm_silu(x, self.weight, self.bias, eps=self.eps, silu=silu, out=out)
+        if stats is not None:
+            y = self._normalise_with(x, *stats, silu)
+            return y if out is None else out.copy_(y)
         per_frame = self.kind == "group_frame"
         sync = cache.norm_sync if cache is not None else None
         if sync is not None:
@@ -324,16 +410,36 @@ class Norm(CausalModule):
             x, self.weight, self.bias, self.groups, eps=self.eps, per_frame=per_frame, silu=silu, out=out
         )
 
+    def clip_statistics(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """A per-clip GroupNorm's fp32 (mean, biased variance), each (N, G), gathered over time
+        slices of ``WINDOW_FRAMES`` frames (no fp32 copy of all of ``x``) so that the slices can be
+        normalised one at a time; None for the per-frame and per-position norms, whose slices
+        normalise on their own."""
+        if self.kind != "group_clip":
+            return None
+        n, c, t = x.shape[:3]
+        mean = x.new_zeros((n, self.groups), dtype=torch.float64)
+        mean_square = torch.zeros_like(mean)
+        for t0 in range(0, t, WINDOW_FRAMES):
+            part = x[:, :, t0 : t0 + WINDOW_FRAMES].unflatten(1, (self.groups, c // self.groups)).float()
+            var, avg = torch.var_mean(part, dim=(2, 3, 4, 5), correction=0)
+            weight = part.shape[3] / t  # every frame has the same number of elements
+            mean += avg.double() * weight
+            mean_square += (var.double() + avg.double().square()) * weight
+        return mean.float(), (mean_square - mean.square()).clamp_min(0).float()
+
     def _normalise_with(self, x: Tensor, mean: Tensor, var: Tensor, silu: bool) -> Tensor:
-        """GroupNorm with given statistics: mean/var (N, G, T) per frame or (N, G) per clip."""
+        """GroupNorm with given statistics: mean/var (N, G, T) per frame or (N, G) per clip. One
+        fp32 temporary of ``x``'s size: the norm and the affine fold into a per-channel scale and
+        shift, (N, C, T) or (N, C, 1)."""
         n, c, t, h, w = x.shape
         if mean.ndim == 2:
             mean, var = mean[:, :, None], var[:, :, None]
-        shape = (n, self.groups, 1, mean.shape[2], 1, 1)
-        scale = torch.rsqrt(var.float() + self.eps).reshape(shape)
-        y = (x.float().reshape(n, self.groups, c // self.groups, t, h, w) - mean.float().reshape(shape)) * scale
-        y = y.reshape(n, c, t, h, w) * self.weight.float().view(1, c, 1, 1, 1) + self.bias.float().view(1, c, 1, 1, 1)
-        return (F.silu(y) if silu else y).to(x.dtype)
+        rstd = torch.rsqrt(var.float() + self.eps).repeat_interleave(c // self.groups, dim=1)
+        scale = rstd * self.weight.float().view(1, c, 1)
+        shift = self.bias.float().view(1, c, 1) - mean.float().repeat_interleave(c // self.groups, dim=1) * scale
+        y = torch.addcmul(shift[..., None, None], x.float(), scale[..., None, None])
+        return (F.silu(y, inplace=True) if silu else y).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, {self.weight.numel()}, groups={self.groups}, eps={self.eps}"
@@ -358,12 +464,25 @@ def apply_conv(conv: nn.Module, x: Tensor, cache: CausalCache | None) -> Tensor:
     return conv(x)
 
 
-def norm_silu_conv(norm: Norm, conv: nn.Module, x: Tensor, cache: CausalCache | None) -> Tensor:
+def norm_silu_conv(
+    norm: Norm, conv: nn.Module, x: Tensor, cache: CausalCache | None, overwrite: bool = False
+) -> Tensor:
     """``conv(silu(norm(x)))`` for a conv made by :func:`make_conv`; causal 3D convs take the
-    normalised tensor straight into their padded input (:meth:`CausalConv3d.forward_normed`)."""
+    normalised tensor straight into their padded input (:meth:`CausalConv3d.forward_normed`, which
+    may write the result into ``x`` when ``overwrite``)."""
     if isinstance(conv, CausalConv3d):
-        return conv.forward_normed(norm, x, cache)[0]
+        return conv.forward_normed(norm, x, cache, overwrite)[0]
     return conv(norm(x, silu=True, cache=cache))
+
+
+def add_shortcut(h: Tensor, shortcut: nn.Module, x: Tensor, cache: CausalCache | None) -> Tensor:
+    """``h += shortcut(x)`` for a 1x1 conv made by :func:`make_conv` (no time context); in inference
+    ``WINDOW_FRAMES`` frames at a time, so the shortcut never exists for the whole clip."""
+    if torch.is_grad_enabled() or _capturing_graph():
+        return h.add_(apply_conv(shortcut, x, cache))  # h: a conv output, which no backward needs
+    for t0 in range(0, x.shape[2], WINDOW_FRAMES):
+        h[:, :, t0 : t0 + WINDOW_FRAMES] += apply_conv(shortcut, x[:, :, t0 : t0 + WINDOW_FRAMES], cache)
+    return h
 
 
 @dataclass(frozen=True)
@@ -398,14 +517,16 @@ class ResBlock(nn.Module):
         self.nin_shortcut = make_conv(kind, cin, cout, 1, opts.time_pad) if cin != cout else None
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> tuple[Tensor, CausalCache | None]:
-        # one name for the running activation: each intermediate is freed as soon as it is used
+        # one name for the running activation: each intermediate is freed as soon as it is used;
+        # conv2 may overwrite its input h (the block's own conv1 output) as its windows move on
         h = norm_silu_conv(self.norm1, self.conv1, x, cache)
-        h = norm_silu_conv(self.norm2, self.conv2, h, cache)
-        skip = x if self.nin_shortcut is None else apply_conv(self.nin_shortcut, x, cache)
+        h = norm_silu_conv(self.norm2, self.conv2, h, cache, overwrite=True)
+        if self.nin_shortcut is not None:
+            return add_shortcut(h, self.nin_shortcut, x, cache), cache
         # in place into h (a conv output, which no backward needs): no third activation-sized
         # tensor, and the sum keeps h's layout (frame-major after a per-frame conv), so the next
         # block's norm and per-frame conv read it without a copy
-        return h.add_(skip), cache
+        return h.add_(x), cache
 
 
 def attention_backend() -> str:
@@ -544,6 +665,11 @@ class SpatialUpsample(nn.Module):
         if self.conv.writes_in_place(x, cache):  # inference: upsample straight into the conv's input
             n, c, t, h, w = x.shape
             shape = (n, c, t, 2 * h, 2 * w)
+            if self.conv.windows(shape, x.device, cache):
+                def write(t0: int, frames: Tensor) -> None:
+                    nearest_upsample_into(x[:, :, t0 : t0 + frames.shape[2]], frames, 1)
+
+                return self.conv.forward_written_in_windows(write, shape, x, cache)
             return self.conv.forward_written(lambda f: nearest_upsample_into(x, f, 1), shape, x, cache)
         x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
         return self.conv(x, cache)

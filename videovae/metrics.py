@@ -14,19 +14,23 @@ with :func:`videovae.io.to_model_range`. All computations run in float64 on the 
 * Temporal flicker: mean over t >= 1 of ``|(b[t] - b[t-1]) - (a[t] - a[t-1])|`` (all N, C, H, W), in
   the input units; ``0.0`` when T == 1. It measures frame-to-frame changes the reconstruction adds or
   misses, which show as flicker even when per-frame PSNR is high.
+* Drift: mean PSNR of the first 9 frames and of the last 8 frames of a clip of at least 17 frames
+  (:func:`drift_psnr`). A causal model trained on short clips can hold its quality over the frames it
+  was trained on and lose it further on (its carried state drifts: colour casts, washed-out frames).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["MetricAccumulator", "psnr", "ssim", "temporal_flicker", "video_metrics"]
+__all__ = ["MetricAccumulator", "drift_psnr", "psnr", "ssim", "temporal_flicker", "video_metrics"]
 
 _SSIM_K1 = 0.01
 _SSIM_K2 = 0.03
 _SSIM_SIGMA = 1.5
 _SSIM_WIN = 11
 _SSIM_FRAMES_PER_BATCH = 8
+DRIFT_HEAD, DRIFT_TAIL = 9, 8  # frames of the head and of the tail in drift_psnr
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
@@ -178,7 +182,8 @@ class MetricAccumulator:
         self.frames += a.shape[2]
 
     def result(self) -> dict:
-        """``{"psnr", "ssim", "flicker", "frames", "psnr_per_frame", "ssim_per_frame"}``.
+        """``{"psnr", "ssim", "flicker", "frames", "psnr_per_frame", "ssim_per_frame"}``, plus
+        ``psnr_first_9`` and ``psnr_last_8`` (:func:`drift_psnr`) for clips of 17 frames or more.
 
         ``psnr``/``ssim`` are means over all frames (and batch items), the per-frame lists average over N.
         """
@@ -187,7 +192,7 @@ class MetricAccumulator:
         p = torch.cat(self._psnr, dim=1)
         s = torch.cat(self._ssim, dim=1)
         flicker = self._flicker_total / self._flicker_count if self._flicker_count else 0.0
-        return {
+        out = {
             "psnr": float(p.mean()),
             "ssim": float(s.mean()),
             "flicker": flicker,
@@ -195,6 +200,26 @@ class MetricAccumulator:
             "psnr_per_frame": [float(v) for v in p.mean(dim=0)],
             "ssim_per_frame": [float(v) for v in s.mean(dim=0)],
         }
+        if self.frames >= DRIFT_HEAD + DRIFT_TAIL:
+            out.update(_drift(p))
+        return out
+
+
+def drift_psnr(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, float]:
+    """``{"psnr_first_9": dB, "psnr_last_8": dB}``: mean per-frame PSNR of the first 9 and of the last
+    8 frames of ``(N, C, T, H, W)`` clips in ``[-1, 1]`` with T >= 17 (a 9-frame head is what a
+    9-frame training clip covers; the tail starts past it)."""
+    _check_pair(original, reconstruction, "drift_psnr")
+    frames = original.shape[2]
+    if frames < DRIFT_HEAD + DRIFT_TAIL:
+        raise ValueError(f"drift_psnr needs clips of at least {DRIFT_HEAD + DRIFT_TAIL} frames, got {frames}")
+    return _drift(psnr(original, reconstruction))
+
+
+def _drift(per_frame: torch.Tensor) -> dict[str, float]:
+    """Per-frame PSNR (N, T) -> the drift figures (see :func:`drift_psnr`)."""
+    return {f"psnr_first_{DRIFT_HEAD}": float(per_frame[:, :DRIFT_HEAD].mean()),
+            f"psnr_last_{DRIFT_TAIL}": float(per_frame[:, -DRIFT_TAIL:].mean())}
 
 
 def video_metrics(original: torch.Tensor, reconstruction: torch.Tensor, data_range: float = 2.0) -> dict:
