@@ -52,7 +52,7 @@ from videovae.checkpoint import load_checkpoint, model_digest, save_checkpoint
 from videovae.fileutil import atomic_path
 from videovae.io import write_png
 from videovae.layers import batch_to_frames, frames_to_batch
-from videovae.metrics import DRIFT_HEAD, DRIFT_TAIL, drift_psnr, psnr, ssim
+from videovae.metrics import drift_figures, psnr, ssim
 from videovae.models import from_preset
 from videovae.models.turbo_vaed import DECODE_SIDE, TurboPair, TurboVAED
 
@@ -346,11 +346,11 @@ def validate(distiller: Distiller, teacher: nn.Module, clips: list[Tensor]) -> t
         ours = student.decode(z.to(param.dtype)).float().clamp(-1, 1)
         theirs = teacher.decode(z).float().clamp(-1, 1)
         for key, (a, b) in {"": (x, ours), "teacher_": (x, theirs)}.items():
-            scores.setdefault(f"{key}psnr", []).append(psnr(a, b).clamp(max=100).mean().item())
+            per_frame = psnr(a, b)
+            scores.setdefault(f"{key}psnr", []).append(per_frame.clamp(max=100).mean().item())
             scores.setdefault(f"{key}ssim", []).append(ssim(a, b).mean().item())
-            if x.shape[2] >= DRIFT_HEAD + DRIFT_TAIL:
-                for name, value in drift_psnr(a, b).items():
-                    scores.setdefault(f"{key}{name}", []).append(value)
+            for name, value in drift_figures(per_frame).items():
+                scores.setdefault(f"{key}{name}", []).append(value)
         scores.setdefault("psnr_vs_teacher", []).append(psnr(theirs, ours).clamp(max=100).mean().item())
         if preview is None:
             preview = preview_image(x[0], theirs[0], ours[0])

@@ -45,7 +45,7 @@ import torch
 from videovae.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from videovae.fileutil import atomic_path
 from videovae.io import from_model_range, write_png
-from videovae.metrics import DRIFT_HEAD, DRIFT_TAIL, drift_psnr, psnr, ssim
+from videovae.metrics import drift_figures, psnr, ssim
 from videovae.models import from_preset
 from videovae.quantizers import CodebookUsage
 
@@ -523,11 +523,11 @@ def validate(model: torch.nn.Module, clips: list[torch.Tensor], compat=None,
             recons = {"": model(x.to(dtype), sample=False)[0]}
         for suffix, recon in recons.items():
             recon = recon.float().clamp(-1, 1)
-            scores.setdefault(f"psnr{suffix}", []).append(psnr(x, recon).clamp(max=100).mean().item())
+            per_frame = psnr(x, recon)
+            scores.setdefault(f"psnr{suffix}", []).append(per_frame.clamp(max=100).mean().item())
             scores.setdefault(f"ssim{suffix}", []).append(ssim(x, recon).mean().item())
-            if x.shape[2] >= DRIFT_HEAD + DRIFT_TAIL:
-                for key, value in drift_psnr(x, recon).items():
-                    scores.setdefault(f"{key}{suffix}", []).append(value)
+            for key, value in drift_figures(per_frame).items():
+                scores.setdefault(f"{key}{suffix}", []).append(value)
         if preview is None:
             preview = preview_image(x[0], recon[0])
     model.train(was_training)

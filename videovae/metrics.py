@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MetricAccumulator", "drift_psnr", "psnr", "ssim", "temporal_flicker", "video_metrics"]
+__all__ = ["MetricAccumulator", "drift_figures", "drift_psnr", "psnr", "ssim", "temporal_flicker", "video_metrics"]
 
 _SSIM_K1 = 0.01
 _SSIM_K2 = 0.03
@@ -200,8 +200,7 @@ class MetricAccumulator:
             "psnr_per_frame": [float(v) for v in p.mean(dim=0)],
             "ssim_per_frame": [float(v) for v in s.mean(dim=0)],
         }
-        if self.frames >= DRIFT_HEAD + DRIFT_TAIL:
-            out.update(_drift(p))
+        out.update(drift_figures(p))
         return out
 
 
@@ -213,11 +212,13 @@ def drift_psnr(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[str
     frames = original.shape[2]
     if frames < DRIFT_HEAD + DRIFT_TAIL:
         raise ValueError(f"drift_psnr needs clips of at least {DRIFT_HEAD + DRIFT_TAIL} frames, got {frames}")
-    return _drift(psnr(original, reconstruction))
+    return drift_figures(psnr(original, reconstruction))
 
 
-def _drift(per_frame: torch.Tensor) -> dict[str, float]:
-    """Per-frame PSNR (N, T) -> the drift figures (see :func:`drift_psnr`)."""
+def drift_figures(per_frame: torch.Tensor) -> dict[str, float]:
+    """Per-frame PSNR (N, T) from :func:`psnr` -> the figures of :func:`drift_psnr`; ``{}`` when T < 17."""
+    if per_frame.shape[1] < DRIFT_HEAD + DRIFT_TAIL:
+        return {}
     return {f"psnr_first_{DRIFT_HEAD}": float(per_frame[:, :DRIFT_HEAD].mean()),
             f"psnr_last_{DRIFT_TAIL}": float(per_frame[:, -DRIFT_TAIL:].mean())}
 
