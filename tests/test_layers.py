@@ -22,6 +22,7 @@ from videovae.layers import (
     SpatioTemporalDownsample,
     SpatioTemporalUpsample,
     assign_cache_keys,
+    norm_silu_conv,
 )
 
 
@@ -260,6 +261,47 @@ def test_long_inputs_go_through_a_window_with_the_plain_values(norm_kind, time_p
         kept = x.clone()
         conv.forward_normed(norm, kept)
     assert torch.equal(kept, x)
+
+
+@pytest.mark.parametrize("norm_kind", ["group_frame", "group_clip", "rms"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_per_frame_conv_normalises_a_window_at_a_time(norm_kind, batch):
+    """Inference on inputs longer than WINDOW_FRAMES: a per-frame conv after a norm sees at most
+    WINDOW_FRAMES frames per call (the normalised clip never exists), per-clip GroupNorm statistics
+    are still the whole input's, the result is frame-major, and ``overwrite`` puts a same-shaped
+    result into the input's own storage; with gradients it is the plain composition."""
+    norm = _randomise(Norm(norm_kind, 8, groups=4))
+    x = torch.randn(batch, 8, 2 * WINDOW_FRAMES + 3, 6, 5) * 2 + 1
+    calls = []
+    for cout in (8, 6):
+        conv = _randomise(Conv2dPerFrame(8, cout, 3, padding=1), seed=1)
+        conv_forward = conv._conv_forward  # sees the frame batch of every call
+
+        def counted(frames, weight, bias, conv_forward=conv_forward):
+            calls.append(frames.shape[0])
+            return conv_forward(frames, weight, bias)
+
+        conv._conv_forward = counted
+        calls.clear()
+        with torch.enable_grad():
+            want = conv(norm(x, silu=True)).detach()
+        assert calls == [batch * x.shape[2]]
+        for overwrite in (False, True):
+            calls.clear()
+            own = x.clone()
+            with torch.no_grad():
+                got = norm_silu_conv(norm, conv, own, None, overwrite=overwrite)
+            assert calls == [batch * WINDOW_FRAMES] * 2 + [batch * 3]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            into_input = got.untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
+            assert into_input == (overwrite and cout == 8)
+            if not into_input:
+                assert torch.equal(own, x)
+                assert got.transpose(1, 2).is_contiguous()
+        with torch.no_grad():  # one window's worth or less: a single call
+            calls.clear()
+            norm_silu_conv(norm, conv, x[:, :, :WINDOW_FRAMES], None)
+            assert calls == [batch * WINDOW_FRAMES]
 
 
 @pytest.mark.parametrize("kind", ["2d", "3d"])

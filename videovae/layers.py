@@ -357,6 +357,42 @@ class Conv2dPerFrame(nn.Conv2d):
         n = x.shape[0]
         return batch_to_frames(super().forward(frames_to_batch(x)), n)
 
+    def windows(self, x: Tensor, cache: CausalCache | None) -> bool:
+        """Whether ``x`` goes through :meth:`forward_normed_in_windows`: inference outside graph
+        capture, longer than one window, and no tile-norm statistics exchange (which needs
+        whole-chunk norm calls)."""
+        return (
+            not torch.is_grad_enabled()
+            and not _capturing_graph()
+            and x.dim() == 5
+            and x.shape[2] > WINDOW_FRAMES
+            and (cache is None or cache.norm_sync is None)
+        )
+
+    def forward_normed_in_windows(self, norm: Norm, x: Tensor, overwrite: bool = False) -> Tensor:
+        """``self(norm(x, silu=True))`` ``WINDOW_FRAMES`` frames at a time (inference). An output
+        frame needs its own input frame only, so the normalised input exists for one window, not for
+        the whole clip, and with ``overwrite`` (the caller no longer needs ``x``) the result is
+        written over ``x`` when the shapes allow. Per-clip GroupNorm statistics are gathered first,
+        so the values are those of normalising all of ``x``. Output (N, C_out, T, H', W') with
+        frame-major storage, the layout the next per-frame op reads without a copy."""
+        n, c, t, h, w = x.shape
+        stats = norm.clip_statistics(x)
+        window = torch.empty((n, WINDOW_FRAMES, c, h, w), dtype=x.dtype, device=x.device)
+        y = None
+        for t0 in range(0, t, WINDOW_FRAMES):
+            frames = min(WINDOW_FRAMES, t - t0)
+            normed = window[:, :frames]
+            norm(x[:, :, t0 : t0 + frames], silu=True, out=normed.transpose(1, 2), stats=stats)
+            out = super().forward(normed.flatten(0, 1))  # (N * frames, C_out, H', W')
+            if y is None:
+                result = (n, out.shape[1], t, *out.shape[2:])
+                reusable = overwrite and x.shape == result and x.dtype == out.dtype
+                y = x if reusable else out.new_empty((n, t, *out.shape[1:])).transpose(1, 2)
+            y[:, :, t0 : t0 + frames] = batch_to_frames(out, n)
+            del out
+        return y
+
 
 class Norm(CausalModule):
     """Normalisation with an optional fused SiLU.
@@ -468,10 +504,13 @@ def norm_silu_conv(
     norm: Norm, conv: nn.Module, x: Tensor, cache: CausalCache | None, overwrite: bool = False
 ) -> Tensor:
     """``conv(silu(norm(x)))`` for a conv made by :func:`make_conv`; causal 3D convs take the
-    normalised tensor straight into their padded input (:meth:`CausalConv3d.forward_normed`, which
-    may write the result into ``x`` when ``overwrite``)."""
+    normalised tensor straight into their padded input (:meth:`CausalConv3d.forward_normed`) and
+    per-frame convs normalise a few frames at a time (:meth:`Conv2dPerFrame.forward_normed_in_windows`);
+    either may write the result into ``x`` when ``overwrite``."""
     if isinstance(conv, CausalConv3d):
         return conv.forward_normed(norm, x, cache, overwrite)[0]
+    if isinstance(conv, Conv2dPerFrame) and conv.windows(x, cache):
+        return conv.forward_normed_in_windows(norm, x, overwrite)
     return conv(norm(x, silu=True, cache=cache))
 
 
