@@ -69,11 +69,35 @@ def test_encode_decode_mp4_mkv_png(work):
         else:
             frames, fps = read_video(target)
             assert frames.shape == (14, 40, 56, 3) and fps == pytest.approx(25)
-    # tile by tile through the whole clip: the same frames as all tiles chunk by chunk
-    run("decode", str(lat), "-o", str(work / "tile_major/"), "--weights", str(work / "w.safetensors"), "--tile", "32",
-        "--tile-order", "tile", "--quiet")
-    for a, b in zip(sorted((work / "frames").iterdir()), sorted((work / "tile_major").iterdir()), strict=True):
+    # all tiles chunk by chunk: the same frames as the default order (tile by tile for so short a clip)
+    run("decode", str(lat), "-o", str(work / "chunk_major/"), "--weights", str(work / "w.safetensors"), "--tile",
+        "32", "--tile-order", "chunk", "--quiet")
+    for a, b in zip(sorted((work / "frames").iterdir()), sorted((work / "chunk_major").iterdir()), strict=True):
         assert torch.equal(read_image(a), read_image(b))
+
+
+def test_default_tile_order_is_the_smaller_planned_peak(monkeypatch):
+    """``--tile-order auto``: tile order for a short tiled clip (one tile's caches plus the held
+    clip is the smaller peak), chunk order for a long one or an unknown length, and as given
+    otherwise; exchanged tile norms always stream chunk by chunk."""
+    from videovae import cli
+    from videovae.cli import _engine_options, build_parser
+    from videovae.models import from_preset
+
+    monkeypatch.setattr(cli, "available_memory_bytes", lambda device: None)  # plan, whatever this machine has
+    model = from_preset("tiny")
+
+    def order(frames, *flags):
+        args = build_parser().parse_args(["decode", "in.safetensors", "-o", "out.mp4", "--quiet", *flags])
+        return _engine_options(args, model, 720, 1280, frames).tile_order
+
+    assert order(17, "--tile", "256") == "tile"
+    assert order(1025, "--tile", "256") == "chunk"
+    assert order(None, "--tile", "256") == "chunk"
+    assert order(17, "--tile", "256", "--tile-order", "chunk") == "chunk"
+    assert order(1025, "--tile", "256", "--tile-order", "tile") == "tile"
+    assert order(17) == "chunk"  # untiled: the order does not matter
+    assert order(17, "--tile", "256", "--tile-norm", "exact") == "chunk"
 
 
 def test_sampled_encode_is_seeded(work):

@@ -23,6 +23,7 @@ from videovae.checkpoint import CheckpointError, load_checkpoint, model_digest, 
 from videovae.engine import (
     COMPILE_MODES,
     DEFAULT_CHUNK_FRAMES,
+    TILE_ORDERS,
     TILINGS,
     EngineOptions,
     MemoryBudgetError,
@@ -32,8 +33,10 @@ from videovae.engine import (
     detokenize_frames,
     encode_frames,
     estimate_peak_bytes,
+    exchanges_tile_norms,
     parse_size,
     plan_for_budget,
+    stream_tile_order,
     tokenize_frames,
 )
 from videovae.fileutil import atomic_path
@@ -78,10 +81,11 @@ def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
     g.add_argument("--tile", type=int, default=None, help="spatial tile size in pixels (default 0 = no tiling)")
     g.add_argument("--tile-norm", default="tile", choices=["tile", "exact"],
                    help="GroupNorm statistics when tiling: per tile (fast) or whole-frame (exact, slower)")
-    g.add_argument("--tile-order", default="chunk", choices=["chunk", "tile"],
+    g.add_argument("--tile-order", default="auto", choices=TILE_ORDERS,
                    help="when tiling: advance all tiles chunk by chunk (memory bounded in clip length; every "
                         "tile keeps its caches), or run each tile through the whole clip (one tile's caches "
-                        "alive; the whole clip is held)")
+                        "alive; the whole clip is held); auto (default): the one with the smaller planned "
+                        "peak for this clip. Same values either way")
     g.add_argument("--max-memory", default=None, help="memory budget, e.g. 2G: picks chunk length and tile size")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype")
@@ -99,7 +103,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, frames: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _engine_options(args, model, height: int, width: int) -> EngineOptions:
+def _engine_options(args, model, height: int, width: int, frames: int | None) -> EngineOptions:
+    """Engine options from the flags for a clip of ``frames`` video frames (None: unknown) of
+    ``height`` x ``width`` pixels."""
     dtype = DTYPES[args.dtype]
     if getattr(args, "tiling", "halo") == "official":
         if args.compile != "none":
@@ -126,17 +132,21 @@ def _engine_options(args, model, height: int, width: int) -> EngineOptions:
         tile = auto_tile if tile is None else tile
     else:
         _check_fits_memory(args, model, height, width, dtype)
-    return EngineOptions(
+    opts = EngineOptions(
         chunk_frames=default_chunk_frames(model, args.device) if chunk is None else chunk,
         tile=0 if tile is None else tile,
         tile_norm=args.tile_norm,
-        tile_order=args.tile_order,
+        tile_order="chunk" if args.tile_order == "auto" else args.tile_order,
         device=args.device,
         dtype=dtype,
         progress=not args.quiet,
         tiling=getattr(args, "tiling", "halo"),
         compile=args.compile,
     )
+    if args.tile_order == "auto" and opts.tile and opts.chunk_frames and not exchanges_tile_norms(model, opts):
+        th, tw = min(opts.tile, height), min(opts.tile, width)
+        opts = dataclasses.replace(opts, tile_order=stream_tile_order(model, frames, th, tw, dtype, height, width))
+    return opts
 
 
 def _check_fits_memory(args, model, height: int, width: int, dtype: torch.dtype) -> None:
@@ -196,9 +206,9 @@ def _stream_file(args, model, path: str, run):
     """Read ``path`` chunk by chunk (with a progress bar) into ``run(model, frame_chunks, opts)``
     (``encode_frames`` or ``tokenize_frames``); returns (its result, the VideoInfo, the options)."""
     info = probe(path)
-    opts = _engine_options(args, model, info.height, info.width)
     total = info.num_frames if args.max_frames is None or info.num_frames is None else min(
         info.num_frames, args.max_frames)
+    opts = _engine_options(args, model, info.height, info.width, total)
     with VideoReader(path, max_frames=args.max_frames) as reader, _frame_progress(args, "read", total) as bar:
         result = run(model, _counted(reader.iter_chunks(READ_CHUNK), bar), opts)
     return result, info, opts
@@ -295,14 +305,14 @@ def _file_format(path: str) -> str | None:
 
 def _decode_to_writer(args, model, latent: torch.Tensor, meta: LatentMeta, out: str, on_frames=None) -> int:
     g = meta.geometry
-    opts = _engine_options(args, model, g.padded_height, g.padded_width)
+    opts = _engine_options(args, model, g.padded_height, g.padded_width, g.frames)
     return _write_frames(args, decode_frames(model, latent, g, opts), g.frames, meta.fps, out, on_frames)
 
 
 def _detokenize_to_writer(args, model, tensors: dict[str, torch.Tensor], meta: TokenMeta, out: str,
                           on_frames=None) -> int:
     g = meta.geometry
-    opts = _engine_options(args, model, g.padded_height, g.padded_width)
+    opts = _engine_options(args, model, g.padded_height, g.padded_width, g.frames)
     first = tensors.get("first_tokens")
     tokens = model.make_tokens(tensors["tokens"].long(), None if first is None else first.long())
     return _write_frames(args, detokenize_frames(model, tokens, g, opts), g.frames, meta.fps, out, on_frames)

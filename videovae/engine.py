@@ -83,8 +83,8 @@ class EngineOptions:
         output of the tiled part is held, and exact tile norms that need statistics from all tiles
         of a chunk are not possible), or ``auto``: ``tile`` for the whole-clip entry points
         (``encode_tensor``, ``decode_tensor``, ``tokenize_tensor``, ``detokenize_tensor``, which hold
-        the whole clip anyway) unless tile norms are exchanged, ``chunk`` for the streams. Both
-        orders give the same result.
+        the whole clip anyway) unless tile norms are exchanged, ``chunk`` for the streams (the CLI
+        resolves ``auto`` per clip with :func:`stream_tile_order`). Both orders give the same result.
     """
 
     chunk_frames: int = DEFAULT_CHUNK_FRAMES
@@ -152,7 +152,7 @@ def check_options(model, opts: EngineOptions) -> None:
         raise ValueError(f"tile_norm must be one of {TILE_NORMS}, got {opts.tile_norm!r}")
     if opts.tile_order not in TILE_ORDERS:
         raise ValueError(f"tile_order must be one of {TILE_ORDERS}, got {opts.tile_order!r}")
-    if opts.tile_order == "tile" and _sync_norms(model, opts):
+    if opts.tile_order == "tile" and exchanges_tile_norms(model, opts):
         raise ValueError("tile_norm='exact' exchanges statistics between the tiles of each chunk: "
                          f"use tile_order='chunk' (or 'auto') with {model.family} models")
     if opts.chunk_frames < 0 or opts.chunk_frames % tf:
@@ -349,7 +349,8 @@ def _new_caches(opts: EngineOptions, plan: TilePlan | None) -> tuple[list, Causa
     return [CausalCache() for _ in range(len(plan))], CausalCache() if streaming else None
 
 
-def _sync_norms(model, opts: EngineOptions) -> bool:
+def exchanges_tile_norms(model, opts: EngineOptions) -> bool:
+    """Whether tiles exchange GroupNorm statistics chunk by chunk (which needs chunk order)."""
     return opts.tile_norm == "exact" and not model.config.halo_tiling_exact
 
 
@@ -359,7 +360,7 @@ def _whole_clip_options(model, **options) -> EngineOptions:
     exchanged between the tiles of each chunk, which needs ``chunk``."""
     opts = EngineOptions(**options)
     if opts.tile_order == "auto":
-        opts = replace(opts, tile_order="chunk" if _sync_norms(model, opts) else "tile")
+        opts = replace(opts, tile_order="chunk" if exchanges_tile_norms(model, opts) else "tile")
     return opts
 
 
@@ -502,7 +503,7 @@ def _encoder_features(model, source: Iterable[Tensor], opts: EngineOptions) -> I
             plan = plan_tiles(model, x.shape[-2] // sf, x.shape[-1] // sf, opts, encoder=True)
             tile_caches, _ = _new_caches(opts, plan)
         x = x.to(opts.device, opts.dtype)
-        yield _run_tiled(model.encode_body, x, plan, tile_caches, sf, 1, _sync_norms(model, opts))
+        yield _run_tiled(model.encode_body, x, plan, tile_caches, sf, 1, exchanges_tile_norms(model, opts))
         del x  # drop this chunk before the source assembles the next one
 
 
@@ -579,7 +580,7 @@ def decode_chunks(model, z: Tensor, opts: EngineOptions | None = None) -> Iterat
     for a, b in bounds:
         with torch.no_grad():
             features, stem_cache = stem(z[:, :, a:b].to(opts.device, opts.dtype), stem_cache)
-            chunk = _run_tiled(body, features, plan, tile_caches, 1, sf, _sync_norms(model, opts)).float()
+            chunk = _run_tiled(body, features, plan, tile_caches, 1, sf, exchanges_tile_norms(model, opts)).float()
         del features  # only the caches carry over: the next chunk starts with nothing else held
         yield chunk
         del chunk
@@ -832,17 +833,47 @@ def peak_parts(
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     canvas = 3 * frames * frame_h * frame_w * 4 * 2  # float32 canvas of the whole frame + its uint8/normalised copy
     io = IO_FRAMES * frame_h * frame_w * 3 * 5  # uint8 frames and their float32 copy
+    if cache_per_pixel is None:
+        cache_per_pixel = cache_bytes_per_pixel(model, dtype)
     # every tile's causal state lives at once, halos included
+    overlap = _tile_extent_pixels(model, tile_h, tile_w, frame_h, frame_w) / (tile_h * tile_w)
+    caches = int(cache_per_pixel * frame_h * frame_w * overlap)
+    return PeakParts(max(peak, untiled) + canvas, caches, weights, io)
+
+
+def _tile_extent_pixels(model, tile_h: int, tile_w: int, frame_h: int, frame_w: int) -> int:
+    """Video pixels of one tile's extended region (core plus default halo, within the frame)."""
+    if (tile_h, tile_w) == (frame_h, frame_w):
+        return tile_h * tile_w
     sf = model.space_factor
     radius = max(model.encoder_receptive_radius(), model.decoder_receptive_radius())
     halo = (math.ceil(radius) + default_ramp(min(tile_h, tile_w) // sf)) * sf
-    overlap = 1.0
-    if (tile_h, tile_w) != (frame_h, frame_w):
-        overlap = min(tile_h + 2 * halo, frame_h) * min(tile_w + 2 * halo, frame_w) / (tile_h * tile_w)
+    return min(tile_h + 2 * halo, frame_h) * min(tile_w + 2 * halo, frame_w)
+
+
+def stream_tile_order(
+    model, frames: int | None, tile_h: int, tile_w: int, dtype: torch.dtype, frame_h: int, frame_w: int,
+    cache_per_pixel: float | None = None,
+) -> str:
+    """The tile order (``chunk`` or ``tile``) with the smaller planned peak for a tiled stream of
+    ``frames`` video frames of ``frame_h`` x ``frame_w`` pixels on ``tile_h`` x ``tile_w`` tiles.
+    Chunk order keeps every tile's causal caches alive, halos included; tile order keeps one tile's
+    caches but holds the whole clip: float32 RGB of every frame (the decode canvases, or the
+    encoder's input) and the latent-resolution features. Both orders give the same values. Chunk
+    order when the frame count is unknown or the family has no memory model (the clip's length
+    bounds nothing then)."""
+    if frames is None or not hasattr(model.config, "channel_mult"):
+        return "chunk"
     if cache_per_pixel is None:
         cache_per_pixel = cache_bytes_per_pixel(model, dtype)
-    caches = int(cache_per_pixel * frame_h * frame_w * overlap)
-    return PeakParts(max(peak, untiled) + canvas, caches, weights, io)
+    all_tiles = peak_parts(model, 0, tile_h, tile_w, dtype, frame_h, frame_w, cache_per_pixel).caches
+    one_tile = cache_per_pixel * _tile_extent_pixels(model, tile_h, tile_w, frame_h, frame_w)
+    item = torch.empty((), dtype=dtype).element_size()
+    sf, cfg = model.space_factor, model.config
+    latent_frames = (frames - 1) // model.time_factor + 1
+    features = latent_frames * cfg.base_channels * cfg.channel_mult[-1] * (frame_h // sf) * (frame_w // sf) * item
+    clip = frames * 3 * frame_h * frame_w * 4 + features
+    return "tile" if one_tile + clip < all_tiles else "chunk"
 
 
 def estimate_peak_bytes(
