@@ -866,6 +866,7 @@ def stream_tile_order(
         return "chunk"
     if cache_per_pixel is None:
         cache_per_pixel = cache_bytes_per_pixel(model, dtype)
+    # every tile's caches (they do not depend on the chunk length) against one tile's and the clip
     all_tiles = peak_parts(model, 0, tile_h, tile_w, dtype, frame_h, frame_w, cache_per_pixel).caches
     one_tile = cache_per_pixel * _tile_extent_pixels(model, tile_h, tile_w, frame_h, frame_w)
     item = torch.empty((), dtype=dtype).element_size()
