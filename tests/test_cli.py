@@ -98,6 +98,19 @@ def test_default_tile_order_is_the_smaller_planned_peak(monkeypatch):
     assert order(1025, "--tile", "256", "--tile-order", "tile") == "tile"
     assert order(17) == "chunk"  # untiled: the order does not matter
     assert order(17, "--tile", "256", "--tile-norm", "exact") == "chunk"
+    # the check against the memory available costs the order that will run
+    from videovae.engine import DEFAULT_CHUNK_FRAMES, estimate_peak_bytes
+
+    plan = (model, DEFAULT_CHUNK_FRAMES, 256, 256, torch.float32, 720, 1280)
+    chunk_need = estimate_peak_bytes(*plan)
+    tile_need = estimate_peak_bytes(*plan, tile_order="tile", frames=17)
+    assert tile_need < chunk_need
+    monkeypatch.setattr(cli, "available_memory_bytes", lambda device: (tile_need + chunk_need) // 2)
+    assert order(17, "--tile", "256") == "tile"
+    with pytest.raises(cli.CLIError, match=r"256 px tiles \(chunk order\)"):
+        order(17, "--tile", "256", "--tile-order", "chunk")
+    with pytest.raises(ValueError, match="frame count"):
+        estimate_peak_bytes(*plan, tile_order="tile")
 
 
 def test_sampled_encode_is_seeded(work):

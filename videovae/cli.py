@@ -130,8 +130,6 @@ def _engine_options(args, model, height: int, width: int, frames: int | None) ->
         auto_chunk, auto_tile = plan_for_budget(model, height, width, budget, dtype)
         chunk = auto_chunk if chunk is None else chunk
         tile = auto_tile if tile is None else tile
-    else:
-        _check_fits_memory(args, model, height, width, dtype)
     opts = EngineOptions(
         chunk_frames=default_chunk_frames(model, args.device) if chunk is None else chunk,
         tile=0 if tile is None else tile,
@@ -146,23 +144,27 @@ def _engine_options(args, model, height: int, width: int, frames: int | None) ->
     if args.tile_order == "auto" and opts.tile and opts.chunk_frames and not exchanges_tile_norms(model, opts):
         th, tw = min(opts.tile, height), min(opts.tile, width)
         opts = dataclasses.replace(opts, tile_order=stream_tile_order(model, frames, th, tw, dtype, height, width))
+    if args.max_memory is None:
+        _check_fits_memory(model, opts, height, width, frames)
     return opts
 
 
-def _check_fits_memory(args, model, height: int, width: int, dtype: torch.dtype) -> None:
+def _check_fits_memory(model, opts: EngineOptions, height: int, width: int, frames: int | None) -> None:
     """Without ``--max-memory``: refuse, before starting, a run whose planned peak exceeds the memory
     available (instead of being killed half-way), naming the ``--max-memory`` that would fit."""
-    chunk = default_chunk_frames(model, args.device) if args.chunk_frames is None else args.chunk_frames
-    tile = args.tile or 0
+    chunk, tile = opts.chunk_frames, opts.tile
     th, tw = (height, width) if tile == 0 else (min(tile, height), min(tile, width))
     if chunk == 0 or not hasattr(model.config, "channel_mult"):
         return  # whole clip: its length is not known here; no memory model for this family
-    available = available_memory_bytes(args.device)
+    if tile and opts.tile_order == "tile" and frames is None:
+        return  # the clip this order holds has no known length
+    available = available_memory_bytes(opts.device)
     if available is None:
         return
-    need = estimate_peak_bytes(model, chunk, th, tw, dtype, height, width)
+    need = estimate_peak_bytes(model, chunk, th, tw, opts.dtype, height, width, tile_order=opts.tile_order,
+                               frames=frames)
     if need > available:
-        tiles = f" and {tile} px tiles" if tile else ""
+        tiles = f" and {tile} px tiles ({opts.tile_order} order)" if tile else ""
         raise CLIError(f"{width}x{height} frames in chunks of {chunk} frames{tiles} need about {need / 2**30:.1f} GiB, "
                        f"but {available / 2**30:.1f} GiB are available: pass --max-memory "
                        f"{max(0.5, available * 0.8 / 2**30):.1f}G to plan chunks and tiles that fit")

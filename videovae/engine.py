@@ -851,44 +851,60 @@ def _tile_extent_pixels(model, tile_h: int, tile_w: int, frame_h: int, frame_w: 
     return min(tile_h + 2 * halo, frame_h) * min(tile_w + 2 * halo, frame_w)
 
 
-def stream_tile_order(
-    model, frames: int | None, tile_h: int, tile_w: int, dtype: torch.dtype, frame_h: int, frame_w: int,
+def tile_order_held_bytes(
+    model, frames: int, tile_h: int, tile_w: int, dtype: torch.dtype, frame_h: int, frame_w: int,
     cache_per_pixel: float | None = None,
-) -> str:
-    """The tile order (``chunk`` or ``tile``) with the smaller planned peak for a tiled stream of
-    ``frames`` video frames of ``frame_h`` x ``frame_w`` pixels on ``tile_h`` x ``tile_w`` tiles.
-    Chunk order keeps every tile's causal caches alive, halos included; tile order keeps one tile's
-    caches but holds the whole clip: float32 RGB of every frame (the decode canvases, or the
-    encoder's input) and the latent-resolution features. Both orders give the same values. Chunk
-    order when the frame count is unknown or the family has no memory model (the clip's length
-    bounds nothing then)."""
-    if frames is None or not hasattr(model.config, "channel_mult"):
-        return "chunk"
+) -> dict[str, int]:
+    """What each tile order holds besides one chunk's work, in bytes, for a tiled stream of
+    ``frames`` video frames of ``frame_h`` x ``frame_w`` pixels on ``tile_h`` x ``tile_w`` tiles:
+    ``chunk`` keeps every tile's causal caches alive, halos included (they do not depend on the
+    chunk length); ``tile`` keeps one tile's caches but holds the whole clip: float32 RGB of every
+    frame (the decode canvases, or the encoder's input) and its latent-resolution features."""
+    _require_memory_model(model)
     if cache_per_pixel is None:
         cache_per_pixel = cache_bytes_per_pixel(model, dtype)
-    # every tile's caches (they do not depend on the chunk length) against one tile's and the clip
     all_tiles = peak_parts(model, 0, tile_h, tile_w, dtype, frame_h, frame_w, cache_per_pixel).caches
     one_tile = cache_per_pixel * _tile_extent_pixels(model, tile_h, tile_w, frame_h, frame_w)
     item = torch.empty((), dtype=dtype).element_size()
     sf, cfg = model.space_factor, model.config
     latent_frames = (frames - 1) // model.time_factor + 1
     features = latent_frames * cfg.base_channels * cfg.channel_mult[-1] * (frame_h // sf) * (frame_w // sf) * item
-    clip = frames * 3 * frame_h * frame_w * 4 + features
-    return "tile" if one_tile + clip < all_tiles else "chunk"
+    return {"chunk": all_tiles, "tile": int(one_tile + frames * 3 * frame_h * frame_w * 4 + features)}
+
+
+def stream_tile_order(
+    model, frames: int | None, tile_h: int, tile_w: int, dtype: torch.dtype, frame_h: int, frame_w: int,
+    cache_per_pixel: float | None = None,
+) -> str:
+    """The tile order (``chunk`` or ``tile``) that holds less (:func:`tile_order_held_bytes`) for a
+    tiled stream of ``frames`` video frames; both orders give the same values. Chunk order when the
+    frame count is unknown or the family has no memory model (the clip's length bounds nothing
+    then)."""
+    if frames is None or not hasattr(model.config, "channel_mult"):
+        return "chunk"
+    held = tile_order_held_bytes(model, frames, tile_h, tile_w, dtype, frame_h, frame_w, cache_per_pixel)
+    return "tile" if held["tile"] < held["chunk"] else "chunk"
 
 
 def estimate_peak_bytes(
     model, chunk_frames: int, tile_h: int, tile_w: int, dtype: torch.dtype, frame_h: int, frame_w: int,
-    cache_per_pixel: float | None = None,
+    cache_per_pixel: float | None = None, tile_order: str = "chunk", frames: int | None = None,
 ) -> int:
     """Peak memory of encoding or decoding one chunk of ``1 + chunk_frames`` video frames: the tiled
     part on a ``tile_h`` x ``tile_w`` tile, the untiled latent-resolution part (mid blocks with
     attention) on the whole ``frame_h`` x ``frame_w`` frame and the output canvas, scaled by the
     family's measured :data:`MEMORY_FACTORS`, plus every tile's causal state
     (``cache_per_pixel``: :func:`cache_bytes_per_pixel`, measured when not given), the weights and
-    the caller's frame buffers."""
+    the caller's frame buffers. Tiles are costed in chunk order; ``tile_order='tile'`` costs a
+    clip of ``frames`` video frames run tile by tile instead (one tile's caches, the clip held)."""
     parts = peak_parts(model, chunk_frames, tile_h, tile_w, dtype, frame_h, frame_w, cache_per_pixel)
-    return parts.total(MEMORY_FACTORS.get(model.family, _FALLBACK_MEMORY_FACTOR))
+    total = parts.total(MEMORY_FACTORS.get(model.family, _FALLBACK_MEMORY_FACTOR))
+    if tile_order == "tile" and (tile_h, tile_w) != (frame_h, frame_w):
+        if frames is None:
+            raise ValueError("tile order holds the whole clip: its frame count is needed")
+        held = tile_order_held_bytes(model, frames, tile_h, tile_w, dtype, frame_h, frame_w, cache_per_pixel)
+        total += held["tile"] - held["chunk"]
+    return total
 
 
 @torch.no_grad()
