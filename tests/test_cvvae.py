@@ -167,14 +167,14 @@ def test_tiling_official_flags_override_one_value_each(models):
     model = models["sd21"]
     parse = build_parser().parse_args
     args = parse(["encode", "in.mp4", "--weights", "w", "-o", "o", "--tiling", "official"])
-    opts = engine_options(args, model, 48, 48)
+    opts = engine_options(args, model, 48, 48, None)
     assert opts.official_tiling(model) == model.official_tiling_for()
     args = parse(["encode", "in.mp4", "--weights", "w", "-o", "o", "--tiling", "official", "--tile", "64"])
-    tiling = engine_options(args, model, 48, 48).official_tiling(model)
+    tiling = engine_options(args, model, 48, 48, None).official_tiling(model)
     assert (tiling.tile, tiling.encode_frames, tiling.decode_latents, tiling.overlap) == (64, 4, 1, 0.2222)
     args = parse(["decode", "l", "--weights", "w", "-o", "o", "--tiling", "official", "--decode-latents", "3",
                   "--tile-overlap", "0.25"])
-    tiling = engine_options(args, model, 48, 48).official_tiling(model)
+    tiling = engine_options(args, model, 48, 48, None).official_tiling(model)
     assert (tiling.tile, tiling.encode_frames, tiling.decode_latents, tiling.overlap) == (40, 4, 3, 0.25)
     tiling = model.official_tiling_for(frames=8)  # as the official code: decode windows follow the encode ones
     assert (tiling.encode_frames, tiling.decode_latents) == (8, 2)
