@@ -62,15 +62,18 @@ def package_path() -> str:
 
 
 def run_kernel_tests(env: dict, timeout: int) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-rfE", "-p", "no:cacheprovider"]
     start = time.time()
     # PYTHONSAFEPATH: `python -m` would put the repository root first on the path, where `videovae/`
     # lacks the mapped `kernels` folder; the shim (or the installed package) must win
     env = {**env, "PYTHONSAFEPATH": "1"}
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "summary": f"timed out after {timeout} s", "seconds": timeout}
+    except subprocess.TimeoutExpired as e:
+        # what ran before the limit still says which tests passed and failed
+        partial = _text(e.stdout) + _text(e.stderr)
+        return {"ok": False, "summary": f"timed out after {timeout} s", "seconds": timeout,
+                "output_tail": partial[-3000:]}
     lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
     failed = [line for line in lines if line.startswith("FAILED") or line.startswith("ERROR")]
     result = {"ok": done.returncode == 0, "summary": lines[-1] if lines else done.stderr[-500:], "failed": failed,
@@ -84,9 +87,16 @@ def run_kernel_benchmark(env: dict, out: Path, timeout: int) -> dict:
     cmd = [sys.executable, "benchmarks/kernels.py", "--json", str(out / "kernels.json")]
     try:
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "text": f"timed out after {timeout} s"}
+    except subprocess.TimeoutExpired as e:
+        return {"ok": False, "text": _text(e.stdout)[-20000:] + f"\n(timed out after {timeout} s)"}
     return {"ok": done.returncode == 0, "text": done.stdout[-20000:] + done.stderr[-3000:]}
+
+
+def _text(output: str | bytes | None) -> str:
+    """Captured output of a timed-out subprocess (bytes on some Python versions, or None)."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
 
 
 def _psnr(a, b) -> float:
@@ -183,6 +193,41 @@ def accuracy_rows(models: list[str], frames: int, size: int, device: str) -> lis
     return rows
 
 
+def window_rows(name: str, frames: int, size: int, device: str, dtype_name: str,
+                windows: tuple[int, ...] = (4, 8, 16, 0)) -> list[dict]:
+    """Whole-clip encode and decode time and peak memory for each ``layers.WINDOW_FRAMES`` (0: no
+    windows, every conv on the whole clip at once): the launches-against-memory trade of the
+    windowed convs on this device."""
+    import torch
+
+    import videovae.layers as layers
+    from videovae.engine import decode_tensor, encode_tensor
+    from videovae.models import from_preset
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    model = from_preset(name).eval().to(device, dtype)
+    video = torch.rand(1, 3, frames, size, size, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    opts = {"chunk_frames": 0, "device": device, "dtype": dtype}
+    cuda, saved, rows = device.startswith("cuda"), layers.WINDOW_FRAMES, []
+    try:
+        with torch.no_grad():
+            for window in windows:
+                layers.WINDOW_FRAMES = window or 1 << 30  # longer than any clip: no windows
+                latents = encode_tensor(model, video, **opts).mean  # warm-up
+                decode_tensor(model, latents, **opts)
+                _, enc_s, enc_peak = _measure(lambda: encode_tensor(model, video, **opts), cuda)
+                _, dec_s, dec_peak = _measure(lambda lat=latents: decode_tensor(model, lat, **opts), cuda)
+                rows.append({"model": name, "frames": frames, "size": size, "dtype": dtype_name,
+                             "window_frames": window, "encode_s": enc_s, "encode_peak_gib": enc_peak / 2**30,
+                             "decode_s": dec_s, "decode_peak_gib": dec_peak / 2**30})
+                print(f"  {name} {frames}x{size}^2 window {window or 'off'}: encode {enc_s:.3f} s "
+                      f"({enc_peak / 2**30:.2f} GiB), decode {dec_s:.3f} s ({dec_peak / 2**30:.2f} GiB)", flush=True)
+    finally:
+        layers.WINDOW_FRAMES = saved
+    return rows
+
+
 def e2e_rows(models: list[str], sizes: list[tuple[int, int]], device: str, dtype_name: str) -> list[dict]:
     """Encode/decode time and peak memory through the engine, per model, size and mode."""
     import torch
@@ -207,10 +252,18 @@ def markdown(report: dict) -> str:
     bench = report.get("kernel_benchmark")
     if bench:
         lines += ["## Kernel benchmark", "", "```", bench["text"].strip(), "```", ""]
+    if report.get("windows"):
+        lines += ["## Whole-clip conv windows (`layers.WINDOW_FRAMES`; 0: off)", "",
+                  "| model | clip | window frames | encode s | encode peak GiB | decode s | decode peak GiB |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['frames']}x{r['size']}x{r['size']} {r['dtype']} | {r['window_frames']} | "
+                  f"{r['encode_s']:.3f} | {r['encode_peak_gib']:.2f} | {r['decode_s']:.3f} | "
+                  f"{r['decode_peak_gib']:.2f} |" for r in report["windows"]]
+        lines.append("")
     lines += ["## End to end (random weights)", "",
               "| model | clip | mode | encode s | encode peak GiB | decode s | decode peak GiB "
               "| decode PSNR vs whole | graphs compiled while timed |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in report["e2e"]:
+    for r in report.get("e2e", []):
         lines.append(f"| {r['model']} | {r['frames']}x{r['size']}x{r['size']} {r['dtype']} | {r['mode']} | "
                      f"{r['encode_s']:.3f} | {r['encode_peak_gib']:.2f} | {r['decode_s']:.3f} | "
                      f"{r['decode_peak_gib']:.2f} | {r['decode_psnr_vs_whole']:.1f} | "
@@ -223,12 +276,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_report(report: dict, out: Path) -> None:
+    """``gpu_check.json`` and ``gpu_check.md`` of the stages done so far (written atomically)."""
+    from videovae.fileutil import atomic_path
+
+    with atomic_path(out / "gpu_check.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    with atomic_path(out / "gpu_check.md") as tmp:
+        tmp.write_text(markdown(report))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("gpu_check"))
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes (code paths only)")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-kernel-bench", action="store_true")
+    p.add_argument("--skip-windows", action="store_true", help="skip the WINDOW_FRAMES timing")
     p.add_argument("--timeout", type=int, default=240, help="seconds for the tests and for the kernel benchmark")
     args = p.parse_args(argv)
     shim = package_path()
@@ -248,26 +312,34 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.smoke else "cuda"
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)", "torch": torch.__version__,
               "triton": triton_version, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if not args.skip_tests:
-        print("kernel tests ...", flush=True)
-        report["kernel_tests"] = run_kernel_tests(env, args.timeout)
-    if not args.skip_kernel_bench and not args.smoke:
-        print("kernel benchmark ...", flush=True)
-        report["kernel_benchmark"] = run_kernel_benchmark(env, args.out, args.timeout)
-    print("end to end ...", flush=True)
-    if args.smoke:
-        report["e2e"] = e2e_rows(["tiny"], [(9, 32)], "cpu", "float32")
-        report["accuracy"] = accuracy_rows(["tiny"], 9, 32, "cpu")
-    else:
-        report["e2e"] = e2e_rows(["od-vae-stream", "od-vae"], [(17, 256), (33, 512)], "cuda", "bfloat16")
-        print("chunking accuracy (fp32) ...", flush=True)
-        report["accuracy"] = accuracy_rows(["od-vae-stream", "od-vae"], 17, 256, "cuda")
-    from videovae.fileutil import atomic_path
 
-    with atomic_path(args.out / "gpu_check.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
-    with atomic_path(args.out / "gpu_check.md") as tmp:
-        tmp.write_text(markdown(report))
+    def stage(key: str, title: str, run) -> None:
+        """Run one stage and write the report so far: a stage cut short by a time limit leaves
+        every earlier stage's results on disk."""
+        print(f"{title} ...", flush=True)
+        report[key] = run()
+        save_report(report, args.out)
+
+    if not args.skip_tests:
+        stage("kernel_tests", "kernel tests", lambda: run_kernel_tests(env, args.timeout))
+        tests = report["kernel_tests"]
+        print(f"  {'passed' if tests['ok'] else 'FAILED'}: {tests['summary']}", flush=True)
+        for line in tests.get("failed", []):
+            print(f"  {line}", flush=True)
+    if not args.skip_kernel_bench and not args.smoke:
+        stage("kernel_benchmark", "kernel benchmark", lambda: run_kernel_benchmark(env, args.out, args.timeout))
+        print(report["kernel_benchmark"]["text"], flush=True)
+    if args.smoke:
+        stage("windows", "conv windows", lambda: window_rows("tiny", 9, 32, "cpu", "float32", (4, 0)))
+        stage("e2e", "end to end", lambda: e2e_rows(["tiny"], [(9, 32)], "cpu", "float32"))
+        stage("accuracy", "chunking accuracy (fp32)", lambda: accuracy_rows(["tiny"], 9, 32, "cpu"))
+    else:
+        if not args.skip_windows:
+            stage("windows", "conv windows", lambda: window_rows("od-vae", 33, 512, "cuda", "bfloat16"))
+        stage("e2e", "end to end",
+              lambda: e2e_rows(["od-vae-stream", "od-vae"], [(17, 256), (33, 512)], "cuda", "bfloat16"))
+        stage("accuracy", "chunking accuracy (fp32)",
+              lambda: accuracy_rows(["od-vae-stream", "od-vae"], 17, 256, "cuda"))
     print(markdown(report))
     failed = report.get("kernel_tests", {}).get("ok") is False
     return 1 if failed else 0

@@ -25,7 +25,7 @@ import torch
 
 from .blend_tile.reference import blend_tile_ref_, normalize_canvas_ref
 from .causal_pad3d.reference import causal_pad3d_ref, check_causal_pad_args
-from .group_norm_silu.reference import group_norm_silu_ref
+from .group_norm_silu.reference import group_norm_apply_ref, group_norm_silu_ref, group_norm_stats_ref
 from .rms_norm_silu.reference import rms_norm_silu_ref
 from .to_uint8_frames.reference import to_uint8_frames_ref
 
@@ -34,7 +34,9 @@ __all__ = [
     "ENV_VAR",
     "blend_tile_",
     "causal_pad3d",
+    "group_norm_apply",
     "group_norm_silu",
+    "group_norm_stats",
     "kernel_backend",
     "normalize_canvas",
     "rms_norm_silu",
@@ -99,6 +101,36 @@ def group_norm_silu(
         impl = _triton_impl("group_norm_silu")
         return impl.group_norm_silu(x, weight, bias, num_groups, eps, per_frame, silu, out)
     return group_norm_silu_ref(x, weight, bias, num_groups, eps, per_frame, silu, out)
+
+
+def group_norm_stats(
+    x: torch.Tensor, num_groups: int, eps: float = 1e-6, per_frame: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(mean, rstd)`` of ``x`` ``(N, C, T, H, W)``, each ``(N, G, T)`` per frame or
+    ``(N, G, 1)`` per clip: the statistics :func:`group_norm_silu` normalises with (inference only).
+    With :func:`group_norm_apply` a clip is normalised a few frames at a time, with its own
+    statistics, and never exists normalised in full."""
+    if _use_triton(x):
+        return _triton_impl("group_norm_silu").group_norm_stats(x, num_groups, eps, per_frame)
+    return group_norm_stats_ref(x, num_groups, eps, per_frame)
+
+
+def group_norm_apply(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    silu: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``silu((x - mean) * rstd * weight + bias)`` on ``(N, C, T, H, W)`` with given fp32 statistics
+    ``(N, G, T)`` or ``(N, G, 1)`` (from :func:`group_norm_stats`, e.g. of a whole clip that ``x`` is
+    a time slice of); output in ``x``'s dtype, or written into ``out`` (an ``x``-shaped view with
+    contiguous frames). Inference only."""
+    if _use_triton(x):
+        return _triton_impl("group_norm_silu").group_norm_apply(x, weight, bias, mean, rstd, silu, out)
+    return group_norm_apply_ref(x, weight, bias, mean, rstd, silu, out)
 
 
 def rms_norm_silu(

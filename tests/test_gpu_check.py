@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,7 +19,10 @@ def _module():
 
 
 def test_smoke_run_writes_the_report(tmp_path):
+    import videovae.layers as layers
+
     gpu_check = _module()
+    window = layers.WINDOW_FRAMES
     assert gpu_check.main(["--smoke", "--skip-tests", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     modes = {r["mode"] for r in report["e2e"]}
@@ -29,6 +34,25 @@ def test_smoke_run_writes_the_report(tmp_path):
                                                          "16-frame chunks, 128 px tiles"}
     assert all(r["psnr_vs_whole"] == 100.0 for r in report["accuracy"])
     assert "Chunking accuracy (fp32, TF32 off)" in (tmp_path / "gpu_check.md").read_text()
+    assert "| tiny |" in (tmp_path / "gpu_check.md").read_text()
+    assert [r["window_frames"] for r in report["windows"]] == [4, 0]
+    assert all(r["decode_s"] > 0 and r["encode_s"] > 0 for r in report["windows"])
+    assert layers.WINDOW_FRAMES == window, "the window study restores the library's window"
+    assert "Whole-clip conv windows" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_each_stage_is_on_disk_before_the_next_starts(tmp_path, monkeypatch):
+    """A check cut short (a device time limit) keeps what the finished stages measured."""
+    gpu_check = _module()
+
+    def killed(*args):
+        raise KeyboardInterrupt("time limit")
+
+    monkeypatch.setattr(gpu_check, "accuracy_rows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--smoke", "--skip-tests", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["windows"] and report["e2e"] and "accuracy" not in report
     assert "| tiny |" in (tmp_path / "gpu_check.md").read_text()
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from videovae.kernels import causal_pad3d, group_norm_silu, rms_norm_silu
+from videovae.kernels import causal_pad3d, group_norm_apply, group_norm_silu, group_norm_stats, rms_norm_silu
 
 TimePad = Literal["replicate", "zeros"]
 NormKind = Literal["group_frame", "group_clip", "rms"]
@@ -426,56 +426,36 @@ class Norm(CausalModule):
     ) -> Tensor:
         """Normalise ``x`` (N, C, T, H, W); ``out`` (inference only): an ``x``-shaped view with
         contiguous frames that receives the result (see :meth:`CausalConv3d.forward_normed`);
-        ``stats``: a per-clip GroupNorm's (mean, variance) from :meth:`clip_statistics` of a clip
+        ``stats``: a per-clip GroupNorm's fp32 (mean, rstd) from :meth:`clip_statistics` of a clip
         that ``x`` is a time slice of."""
         if self.kind == "rms":
             return rms_norm_silu(x, self.weight, self.bias, eps=self.eps, silu=silu, out=out)
         if stats is not None:
-            y = self._normalise_with(x, *stats, silu)
-            return y if out is None else out.copy_(y)
+            return group_norm_apply(x, self.weight, self.bias, *stats, silu=silu, out=out)
         per_frame = self.kind == "group_frame"
         sync = cache.norm_sync if cache is not None else None
         if sync is not None:
             if sync.collect:
                 sync.add(self.cache_key, x, self.groups, per_frame)
-            stats = sync.stats_for(self.cache_key)
-            if stats is not None:
-                y = self._normalise_with(x, *stats, silu)
-                return y if out is None else out.copy_(y)
+            synced = sync.stats_for(self.cache_key)
+            if synced is not None:
+                mean, var = synced  # (N, G, T) or (N, G)
+                mean, rstd = mean.float(), torch.rsqrt(var.float() + self.eps)
+                if mean.dim() == 2:
+                    mean, rstd = mean[:, :, None], rstd[:, :, None]
+                return group_norm_apply(x, self.weight, self.bias, mean, rstd, silu=silu, out=out)
         return group_norm_silu(
             x, self.weight, self.bias, self.groups, eps=self.eps, per_frame=per_frame, silu=silu, out=out
         )
 
     def clip_statistics(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """A per-clip GroupNorm's fp32 (mean, biased variance), each (N, G), gathered over time
-        slices of ``WINDOW_FRAMES`` frames (no fp32 copy of all of ``x``) so that the slices can be
-        normalised one at a time; None for the per-frame and per-position norms, whose slices
+        """A per-clip GroupNorm's fp32 (mean, rstd), each (N, G, 1), so that time slices of ``x``
+        can be normalised one at a time as the whole of ``x`` would be (``group_norm_stats``: no
+        fp32 copy of all of ``x``); None for the per-frame and per-position norms, whose slices
         normalise on their own."""
         if self.kind != "group_clip":
             return None
-        n, c, t = x.shape[:3]
-        mean = x.new_zeros((n, self.groups), dtype=torch.float64)
-        mean_square = torch.zeros_like(mean)
-        for t0 in range(0, t, WINDOW_FRAMES):
-            part = x[:, :, t0 : t0 + WINDOW_FRAMES].unflatten(1, (self.groups, c // self.groups)).float()
-            var, avg = torch.var_mean(part, dim=(2, 3, 4, 5), correction=0)
-            weight = part.shape[3] / t  # every frame has the same number of elements
-            mean += avg.double() * weight
-            mean_square += (var.double() + avg.double().square()) * weight
-        return mean.float(), (mean_square - mean.square()).clamp_min(0).float()
-
-    def _normalise_with(self, x: Tensor, mean: Tensor, var: Tensor, silu: bool) -> Tensor:
-        """GroupNorm with given statistics: mean/var (N, G, T) per frame or (N, G) per clip. One
-        fp32 temporary of ``x``'s size: the norm and the affine fold into a per-channel scale and
-        shift, (N, C, T) or (N, C, 1)."""
-        n, c, t, h, w = x.shape
-        if mean.ndim == 2:
-            mean, var = mean[:, :, None], var[:, :, None]
-        rstd = torch.rsqrt(var.float() + self.eps).repeat_interleave(c // self.groups, dim=1)
-        scale = rstd * self.weight.float().view(1, c, 1)
-        shift = self.bias.float().view(1, c, 1) - mean.float().repeat_interleave(c // self.groups, dim=1) * scale
-        y = torch.addcmul(shift[..., None, None], x.float(), scale[..., None, None])
-        return (F.silu(y, inplace=True) if silu else y).to(x.dtype)
+        return group_norm_stats(x, self.groups, self.eps, per_frame=False)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, {self.weight.numel()}, groups={self.groups}, eps={self.eps}"

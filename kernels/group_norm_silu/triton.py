@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .._utils import as_contiguous, autotune, cdiv, check_out_call, multiprocessor_count, next_pow2
-from .reference import check_group_norm_args
+from .reference import check_apply_args, check_group_norm_args, check_stats_args
 
 
 @triton.jit
@@ -123,12 +123,14 @@ def group_norm_silu_fwd_combine_kernel(
 
 @triton.jit
 def group_norm_silu_fwd_kernel(
-    X, Y, W, B, MEAN, RSTD, HW, T, C, CG, G, Y_SN, Y_SC, Y_ST,
+    X, Y, W, B, MEAN, RSTD, HW, T, C, CG, G, X_SN, X_SC, X_ST, Y_SN, Y_SC, Y_ST,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, PER_FRAME: tl.constexpr,
     FRAME_MAJOR: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """``y = silu((x - mean) * rstd * w[c] + b[c])`` over one block of one row ``(n, c, t)``; ``y``
-    is written at ``n * Y_SN + c * Y_SC + t * Y_ST`` (any layout whose frames are contiguous)."""
+    """``y = silu((x - mean) * rstd * w[c] + b[c])`` over one block of one row ``(n, c, t)``: ``x``
+    is read at ``n * X_SN + c * X_SC + t * X_ST``, ``y`` written at ``n * Y_SN + c * Y_SC + t * Y_ST``
+    (any layouts whose frames are contiguous, e.g. time slices). Rows are numbered frame-major
+    (``FRAME_MAJOR``) or channel-major, the order of ``x`` in memory."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < HW
@@ -143,7 +145,7 @@ def group_norm_silu_fwd_kernel(
     stat = ng * T + t if PER_FRAME else ng
     mean = tl.load(MEAN + stat)
     rstd = tl.load(RSTD + stat)
-    x = tl.load(X + row * HW + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + n * X_SN + c * X_SC + t * X_ST + offs, mask=mask, other=0.0).to(tl.float32)
     z = (x - mean) * rstd
     if HAS_W:
         z = z * tl.load(W + c).to(tl.float32)
@@ -291,9 +293,21 @@ def is_frame_major(x: torch.Tensor) -> bool:
 
 
 def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg: FwdConfig, out=None):
-    frame_major = is_frame_major(x)
-    if not frame_major and not x.is_contiguous():
+    if not is_frame_major(x) and not x.is_contiguous():
         raise ValueError("group_norm_silu_fwd needs a contiguous or frame-major input")
+    mean, rstd = _stats(x, num_groups, eps, per_frame, cfg)
+    if out is None:
+        y = torch.empty_like(x)
+    else:
+        check_out_call("group_norm_silu", x, out)
+        y = out
+    _apply(x, weight, bias, mean, rstd, silu, y, cfg.block, cfg.num_warps)
+    return y, mean, rstd
+
+
+def _stats(x, num_groups, eps, per_frame, cfg: FwdConfig):
+    """fp32 ``(mean, rstd)`` ``(N, G, T or 1)`` of a contiguous or frame-major ``x``: split row
+    partials, then one combine program per statistic."""
     n, c, t, h, w = x.shape
     hw = h * w
     rows = n * c * t
@@ -311,20 +325,62 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps, per_frame, silu, cfg:
     cg = c // num_groups
     group_norm_silu_fwd_combine_kernel[(mean.numel(),)](
         s1, s2, shift, mean, rstd, hw, t, c, cg, num_groups, splits, eps,
-        PER_FRAME=per_frame, FRAME_MAJOR=frame_major, BLOCK_R=min(next_pow2(cg if per_frame else cg * t), 128),
+        PER_FRAME=per_frame, FRAME_MAJOR=is_frame_major(x),
+        BLOCK_R=min(next_pow2(cg if per_frame else cg * t), 128),
     )
-    if out is None:
-        y = torch.empty_like(x)
-    else:
-        check_out_call("group_norm_silu", x, out)
-        y = out
-    group_norm_silu_fwd_kernel[(rows, triton.cdiv(hw, cfg.block))](
+    return mean, rstd
+
+
+def _apply(x, weight, bias, mean, rstd, silu, y, block, num_warps) -> None:
+    """The normalising pass into ``y``: ``x`` and ``y`` any ``(N, C, T, H, W)`` views with
+    contiguous frames; ``mean`` / ``rstd`` ``(N, G, T)`` or ``(N, G, 1)``."""
+    n, c, t, h, w = x.shape
+    hw = h * w
+    if x.stride(-1) != 1 or x.stride(-2) != w:
+        raise ValueError(f"group_norm_silu needs contiguous frames, got strides {x.stride()}")
+    num_groups = mean.shape[1]
+    group_norm_silu_fwd_kernel[(n * c * t, triton.cdiv(hw, block))](
         x, y, weight if weight is not None else x, bias if bias is not None else x,
-        mean, rstd, hw, t, c, cg, num_groups, y.stride(0), y.stride(1), y.stride(2),
-        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PER_FRAME=per_frame,
-        FRAME_MAJOR=frame_major, BLOCK=cfg.block, num_warps=cfg.num_warps,
+        mean, rstd, hw, t, c, c // num_groups, num_groups, x.stride(0), x.stride(1), x.stride(2),
+        y.stride(0), y.stride(1), y.stride(2),
+        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, PER_FRAME=mean.shape[2] == t,
+        FRAME_MAJOR=x.stride(2) > x.stride(1), BLOCK=block, num_warps=num_warps,
     )
-    return y, mean, rstd
+
+
+def group_norm_stats(
+    x: torch.Tensor, num_groups: int, eps: float = 1e-6, per_frame: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton form of :func:`..reference.group_norm_stats_ref` (the reduction launches of the
+    forward, one read of ``x``); an ``x`` neither contiguous nor frame-major is copied first."""
+    check_stats_args(x, num_groups)
+    x = x if is_frame_major(x) else x.contiguous()
+    rows, hw = x.shape[0] * x.shape[1] * x.shape[2], x.shape[3] * x.shape[4]
+    return _stats(x, num_groups, eps, per_frame, fwd_candidates(rows, hw, x.device)[0])
+
+
+def group_norm_apply(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    silu: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton form of :func:`..reference.group_norm_apply_ref` (the normalising launch of the
+    forward, reading ``x`` in place: time slices and frame-major views are not copied)."""
+    check_apply_args(x, weight, bias, mean, rstd, out)
+    if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+        x = x.contiguous()
+    y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if y is not out and x.stride(2) > x.stride(1):  # frame-major in, frame-major out
+        y = torch.empty((x.shape[0], x.shape[2], *x.shape[1:2], *x.shape[3:]), dtype=x.dtype,
+                        device=x.device).transpose(1, 2)
+    block, num_warps = _launch_cfg(x.shape[3] * x.shape[4])
+    _apply(x, as_contiguous(weight), as_contiguous(bias), mean.contiguous(), rstd.contiguous(), silu, y,
+           block, num_warps)
+    return y
 
 
 def group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups, per_frame, silu):

@@ -18,7 +18,11 @@ from videovae.kernels.blend_tile.reference import blend_tile_ref_, normalize_can
 from videovae.kernels.causal_pad3d import triton as pad_tr  # noqa: E402
 from videovae.kernels.causal_pad3d.reference import causal_pad3d_ref  # noqa: E402
 from videovae.kernels.group_norm_silu import triton as gn_tr  # noqa: E402
-from videovae.kernels.group_norm_silu.reference import group_norm_silu_ref  # noqa: E402
+from videovae.kernels.group_norm_silu.reference import (  # noqa: E402
+    group_norm_apply_ref,
+    group_norm_silu_ref,
+    group_norm_stats_ref,
+)
 from videovae.kernels.rms_norm_silu import triton as rms_tr  # noqa: E402
 from videovae.kernels.rms_norm_silu.reference import rms_norm_silu_ref  # noqa: E402
 from videovae.kernels.to_uint8_frames import triton as u8_tr  # noqa: E402
@@ -141,6 +145,85 @@ def test_group_norm_silu_keeps_a_frame_major_layout(per_frame, device, poison_em
         got = grads(y, (frame_major, w, b), dy)
         for name, g, r in zip(("dx", "dweight", "dbias"), got, want, strict=True):
             assert_close(g, r, F32, f"{fn.__name__} {name}")
+
+
+def _layout(x: torch.Tensor, frame_major: bool) -> torch.Tensor:
+    return x.transpose(1, 2).contiguous().transpose(1, 2) if frame_major else x.contiguous()
+
+
+@pytest.mark.parametrize("per_frame", [True, False])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("frame_major", [False, True])
+def test_group_norm_stats_then_apply_is_the_one_step_norm(per_frame, dtype, frame_major, device, poison_empty):
+    """The two-step form: statistics (N, G, T or 1) of both implementations agree, and normalising
+    with them gives the one-step norm's values, in the input's layout."""
+    shape, groups = (2, 12, 9, 7, 11), 4
+    gen = seeded(shape, per_frame, dtype, frame_major, "two-step")
+    x, xf = make(shape, dtype, device, gen, scale=2.0, shift=3.0, grad=False)
+    x = _layout(x, frame_major)
+    w, wf = make((12,), F32, device, gen, shift=1.0, grad=False)
+    b, bf = make((12,), F32, device, gen, grad=False)
+    want = group_norm_silu_ref(xf, wf, bf, groups, 1e-6, per_frame, True)
+    ref_stats = group_norm_stats_ref(xf, groups, 1e-6, per_frame)
+    assert ref_stats[0].shape == (2, groups, 9 if per_frame else 1)
+    with torch.no_grad():
+        for stats_fn, apply_fn in ((gn_tr.group_norm_stats, gn_tr.group_norm_apply),
+                                   (group_norm_stats_ref, group_norm_apply_ref)):
+            mean, rstd = stats_fn(x, groups, 1e-6, per_frame)
+            assert mean.dtype == rstd.dtype == F32
+            assert_close(mean, ref_stats[0], F32, f"{stats_fn.__name__} mean")
+            assert_close(rstd, ref_stats[1], F32, f"{stats_fn.__name__} rstd")
+            y = apply_fn(x, w, b, mean, rstd, True)
+            assert y.dtype == dtype and y.shape == shape
+            assert (y.stride(2) > y.stride(1)) == frame_major, "the output keeps the input's layout"
+            assert_close(y, want, dtype, f"{apply_fn.__name__} output")
+
+
+@pytest.mark.parametrize("frame_major", [False, True])
+def test_group_norm_apply_normalises_time_slices_with_the_clip_statistics(frame_major, device, poison_empty):
+    """A clip normalised 4 frames at a time (slices read in place, written into the frames of a
+    padded window or of a frame-major window) with the whole clip's statistics is the whole-clip norm."""
+    shape, groups, step = (1, 8, 11, 5, 13), 2, 4
+    gen = seeded(shape, frame_major, "slices")
+    x, xf = make(shape, BF16, device, gen, scale=2.0, shift=-1.0, grad=False)
+    x = _layout(x, frame_major)
+    w, wf = make((8,), F32, device, gen, shift=1.0, grad=False)
+    want = group_norm_silu_ref(xf, wf, None, groups, 1e-6, False, True)
+    with torch.no_grad():
+        for stats_fn, apply_fn in ((gn_tr.group_norm_stats, gn_tr.group_norm_apply),
+                                   (group_norm_stats_ref, group_norm_apply_ref)):
+            mean, rstd = stats_fn(x, groups, 1e-6, False)
+            padded = torch.full((1, 8, 2 + step, 5, 13), 7.0, device=device, dtype=BF16)
+            frames_first = torch.full((1, step, 8, 5, 13), 7.0, device=device, dtype=BF16)
+            for t0 in range(0, shape[2], step):
+                part = x[:, :, t0 : t0 + step]
+                k = part.shape[2]
+                for window in (padded[:, :, 2 : 2 + k], frames_first[:, :k].transpose(1, 2)):
+                    got = apply_fn(part, w, None, mean, rstd, True, out=window)
+                    assert got.data_ptr() == window.data_ptr()
+                    assert_close(window, want[:, :, t0 : t0 + k], BF16, f"{apply_fn.__name__} frames {t0}..")
+                assert torch.all(padded[:, :, :2] == 7.0), f"{apply_fn.__name__} wrote outside its frames"
+
+
+def test_group_norm_two_step_rejects_gradients_and_bad_statistics(device):
+    x = torch.randn(1, 8, 3, 5, 5, device=device, requires_grad=True)
+    w = torch.ones(8, device=device)
+    mean, rstd = torch.zeros(1, 4, 1, device=device), torch.ones(1, 4, 1, device=device)
+    for stats_fn, apply_fn in ((gn_tr.group_norm_stats, gn_tr.group_norm_apply),
+                               (group_norm_stats_ref, group_norm_apply_ref)):
+        with pytest.raises(ValueError, match="gradients"):
+            stats_fn(x, 4)
+        with pytest.raises(ValueError, match="gradients"):
+            apply_fn(x, w, None, mean, rstd)
+        with torch.no_grad():
+            with pytest.raises(ValueError, match="mean and rstd"):
+                apply_fn(x, w, None, mean[:, :, :0], rstd)
+            with pytest.raises(ValueError, match="T=3 or 1"):
+                apply_fn(x, w, None, mean.expand(1, 4, 2), rstd.expand(1, 4, 2))
+            with pytest.raises(ValueError, match="num_groups"):
+                apply_fn(x, w, None, mean[:, :3], rstd[:, :3])
+            with pytest.raises(ValueError, match="N, C, T, H, W"):
+                stats_fn(x[:, :, 0], 4)
 
 
 def test_fwd_candidates_are_valid_launches():
