@@ -17,8 +17,10 @@ from videovae.engine import (
     default_chunk_frames,
     encode_frames,
     encode_tensor,
+    estimate_peak_bytes,
     parse_size,
     plan_for_budget,
+    stream_tile_order,
     tile_spans,
 )
 from videovae.io import to_model_range
@@ -301,6 +303,29 @@ def test_memory_budget_planning(tiny):
     assert small[1] > 0  # 1080p does not fit 6 GiB untiled
     with pytest.raises(MemoryBudgetError, match=r"does not fit a memory budget.*--max-memory \d"):
         plan_for_budget(tiny, 1080, 1920, 2**20, torch.float32)
+
+
+def test_memory_budget_plans_cost_the_tile_order_that_will_run(tiny):
+    """A short clip streamed tile by tile holds one tile's caches, not every tile's: a budget that
+    chunk order cannot meet is met in tile order, and the plan's estimate in the order the CLI
+    then picks (stream_tile_order) is within the budget."""
+    budget, h, w = 2**30, 720, 1280
+    with pytest.raises(MemoryBudgetError):
+        plan_for_budget(tiny, h, w, budget, torch.float32)
+    with pytest.raises(MemoryBudgetError):
+        plan_for_budget(tiny, h, w, budget, torch.float32, frames=17, tile_order="chunk")
+    with pytest.raises(MemoryBudgetError):
+        plan_for_budget(tiny, h, w, budget, torch.float32, frames=None, tile_order="auto")  # length unknown
+    chunk, tile = plan_for_budget(tiny, h, w, budget, torch.float32, frames=17, tile_order="auto")
+    assert tile > 0
+    order = stream_tile_order(tiny, 17, tile, tile, torch.float32, h, w)
+    assert order == "tile"
+    assert estimate_peak_bytes(tiny, chunk, tile, tile, torch.float32, h, w, tile_order=order, frames=17) <= budget
+    assert plan_for_budget(tiny, h, w, budget, torch.float32, frames=17, tile_order="tile") == (chunk, tile)
+    with pytest.raises(ValueError, match="frame count"):
+        plan_for_budget(tiny, h, w, budget, torch.float32, tile_order="tile")
+    with pytest.raises(ValueError, match="tile_order"):
+        plan_for_budget(tiny, h, w, budget, torch.float32, tile_order="rows")
 
 
 def test_memory_calibration_measures_a_run_against_the_planner_parts(tiny):

@@ -127,7 +127,10 @@ def _engine_options(args, model, height: int, width: int, frames: int | None) ->
     chunk, tile = args.chunk_frames, args.tile
     if args.max_memory is not None:
         budget = parse_size(args.max_memory)
-        auto_chunk, auto_tile = plan_for_budget(model, height, width, budget, dtype)
+        # exact tile norms are exchanged between the tiles of each chunk: chunk order only
+        exact_norms = args.tile_norm == "exact" and not model.config.halo_tiling_exact
+        auto_chunk, auto_tile = plan_for_budget(model, height, width, budget, dtype, frames=frames,
+                                                tile_order="chunk" if exact_norms else args.tile_order)
         chunk = auto_chunk if chunk is None else chunk
         tile = auto_tile if tile is None else tile
     opts = EngineOptions(

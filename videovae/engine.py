@@ -946,20 +946,29 @@ def available_memory_bytes(device: str) -> int | None:
     return None
 
 
-def plan_for_budget(model, height: int, width: int, budget: int, dtype: torch.dtype) -> tuple[int, int]:
+def plan_for_budget(
+    model, height: int, width: int, budget: int, dtype: torch.dtype, frames: int | None = None,
+    tile_order: str = "chunk",
+) -> tuple[int, int]:
     """Pick (chunk_frames, tile) for a clip of ``height`` x ``width`` pixels within ``budget``
-    bytes: the largest chunk, untiled if possible, else the largest tile that fits."""
+    bytes: the largest chunk, untiled if possible, else the largest tile that fits. Tiled plans are
+    costed in ``tile_order``; ``auto`` costs the order :func:`stream_tile_order` will pick for a
+    clip of ``frames`` video frames (chunk order when the length is unknown)."""
+    if tile_order not in TILE_ORDERS:
+        raise ValueError(f"tile_order must be one of {TILE_ORDERS}, got {tile_order!r}")
     tf, sf = model.time_factor, model.space_factor
     tiles = [0] + [t for t in (1024, 768, 512, 384, 256, 192, 128, 96, 64) if t % sf == 0 and t < max(height, width)]
     chunks = [c * tf for c in (8, 4, 2, 1)]
     _require_memory_model(model)
     need = None
     per_pixel = cache_bytes_per_pixel(model, dtype)  # measured once for all candidate plans
+    orders = {"chunk": ["chunk"], "tile": ["tile"], "auto": ["chunk", "tile"] if frames is not None else ["chunk"]}
     for tile in tiles:
         th, tw = (height, width) if tile == 0 else (min(tile, height), min(tile, width))
         th, tw = th + (-th % sf), tw + (-tw % sf)
         for chunk in chunks:
-            estimate = estimate_peak_bytes(model, chunk, th, tw, dtype, height, width, per_pixel)
+            estimate = min(estimate_peak_bytes(model, chunk, th, tw, dtype, height, width, per_pixel,
+                                               tile_order=order, frames=frames) for order in orders[tile_order])
             if estimate <= budget:
                 return chunk, tile
             need = estimate if need is None else min(need, estimate)
