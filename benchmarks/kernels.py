@@ -54,7 +54,11 @@ def _norm_cases(shape, dtype, device) -> list[Case]:
     from videovae.kernels.causal_pad3d import triton as pad_tr
     from videovae.kernels.causal_pad3d.reference import causal_pad3d_ref
     from videovae.kernels.group_norm_silu import triton as gn_tr
-    from videovae.kernels.group_norm_silu.reference import group_norm_silu_ref
+    from videovae.kernels.group_norm_silu.reference import (
+        group_norm_apply_ref,
+        group_norm_silu_ref,
+        group_norm_stats_ref,
+    )
     from videovae.kernels.rms_norm_silu import triton as rms_tr
     from videovae.kernels.rms_norm_silu.reference import rms_norm_silu_ref
 
@@ -88,6 +92,19 @@ def _norm_cases(shape, dtype, device) -> list[Case]:
         "group_norm_silu[frame] fwd+bwd", shape, dtype, 5 * numel * es,
         fwd_bwd(lambda v: gn_tr.group_norm_silu(v, wt, bs, g, 1e-6, True, True)),
         fwd_bwd(lambda v: group_norm_silu_ref(v, wt, bs, g, 1e-6, True, True)),
+    ))
+    # the two-step form of windowed per-clip norms: clip statistics, then a time slice (read in place)
+    cases.append(Case(
+        "group_norm_stats[clip]", shape, dtype, numel * es,
+        lambda: gn_tr.group_norm_stats(x, g, 1e-6, False),
+        lambda: group_norm_stats_ref(x, g, 1e-6, False),
+    ))
+    mean, rstd = group_norm_stats_ref(x, g, 1e-6, False)
+    part = x[:, :, t // 2 :]
+    cases.append(Case(
+        "group_norm_apply[clip] time slice", part.shape, dtype, 2 * part.numel() * es,
+        lambda: gn_tr.group_norm_apply(part, wt, bs, mean, rstd, True),
+        lambda: group_norm_apply_ref(part, wt, bs, mean, rstd, True),
     ))
     cases.append(Case(
         "rms_norm_silu fwd", shape, dtype, 2 * numel * es,
