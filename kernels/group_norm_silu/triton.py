@@ -373,10 +373,12 @@ def group_norm_apply(
     check_apply_args(x, weight, bias, mean, rstd, out)
     if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
         x = x.contiguous()
-    y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
-    if y is not out and x.stride(2) > x.stride(1):  # frame-major in, frame-major out
-        y = torch.empty((x.shape[0], x.shape[2], *x.shape[1:2], *x.shape[3:]), dtype=x.dtype,
-                        device=x.device).transpose(1, 2)
+    if out is not None:
+        y = out
+    elif x.stride(2) > x.stride(1):  # frame-major in, frame-major out
+        y = torch.empty_like(x.transpose(1, 2), memory_format=torch.contiguous_format).transpose(1, 2)
+    else:
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
     block, num_warps = _launch_cfg(x.shape[3] * x.shape[4])
     _apply(x, as_contiguous(weight), as_contiguous(bias), mean.contiguous(), rstd.contiguous(), silu, y,
            block, num_warps)
