@@ -9,8 +9,9 @@ Steps (each resumable; see ``videovae/weights/MODEL_CARD.md`` for what was run a
 
 Data (all real or rendered offline; nothing is downloaded):
 
-* the real clips of ``../shared/data`` listed in :data:`TRAIN_CLIPS` (copied as they are), with
-  :data:`HELD_OUT_CLIPS` kept out of training for validation;
+* the real clips listed in :data:`TRAIN_CLIPS` (copied as they are), from ``train/clips`` in the
+  repository (sources and licences in its README) or ``../shared/data``, with :data:`HELD_OUT_CLIPS`
+  kept out of training for validation;
 * real photographs (scikit-image's sample images and the photos of ``../shared/data``) filmed by a
   virtual camera (:func:`videovae.synthetic.camera_motion_video`: pan, zoom, rotation, brightness);
 * the synthetic scenes of :mod:`videovae.synthetic`.
@@ -33,9 +34,14 @@ import torch
 from videovae.synthetic import camera_motion_video, write_synthetic_video
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+REPO_CLIPS = Path(__file__).resolve().parent / "clips"
+# Stages 1-5 of vv-s16 trained on the first five (../shared/data); the clips of train/clips joined
+# the training set after stage 5.
 TRAIN_CLIPS = ("world.mp4", "a.mp4", "mmaction2_armwrestling.mp4", "mmaction2_basketball.mp4",
-               "mmaction2_room_1080p.mp4")
-HELD_OUT_CLIPS = ("mmaction2_pool.mp4", "mmaction2_makeup.avi")
+               "mmaction2_room_1080p.mp4", "sam2_dog.mp4", "sam2_cups.mp4", "sam2_blocks.mp4",
+               "sam2_juggle.mp4", "sam2_bedroom.mp4", "intel_car_detection.mp4",
+               "intel_person_detection.mp4", "intel_asl_book.mp4")
+HELD_OUT_CLIPS = ("mmaction2_pool.mp4", "mmaction2_makeup.avi", "sam2_coffee.mp4", "intel_asl_sister.mp4")
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                   "hubble_deep_field.jpg", "immunohistochemistry.png", "ihc.png", "retina.jpg", "brick.png",
                   "grass.png", "gravel.png", "camera.png", "moon.png", "page.png", "text.png", "color.png")
@@ -49,6 +55,13 @@ SYNTHETIC_CLIP = (65, 256, 320)
 def shared_dir() -> Path:
     """``../shared/data`` beside the checkout (may be absent)."""
     return SHARED.resolve()
+
+
+def clip_path(name: str) -> Path:
+    """Where a real clip of :data:`TRAIN_CLIPS` or :data:`HELD_OUT_CLIPS` lives: ``train/clips`` in
+    the repository, else ``../shared/data`` (which may be absent: check ``is_file()``)."""
+    repo = REPO_CLIPS / name
+    return repo if repo.is_file() else shared_dir() / name
 
 
 def _photo_paths() -> list[Path]:
@@ -75,7 +88,7 @@ def prepare_data(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, list[str]] = {"real_clips": [], "photo_clips": [], "synthetic_clips": [], "photos": []}
     for name in TRAIN_CLIPS:
-        src = shared_dir() / name
+        src = clip_path(name)
         if src.is_file():
             dst = out / name
             if not dst.exists():
@@ -162,7 +175,7 @@ def evaluate(weights: str | None, frames: int = 33, size: int = 256) -> dict:
     groups = {"held_out": HELD_OUT_CLIPS, "train": TRAIN_CLIPS}
     for group, names in groups.items():
         for name in names:
-            path = shared_dir() / name
+            path = clip_path(name)
             if not path.is_file():
                 continue
             x = _eval_clip(path, frames, size)
