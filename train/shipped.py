@@ -53,6 +53,7 @@ CLIPS_PER_PHOTO = 4
 PHOTO_CLIP = (49, 256, 320)  # frames, height, width
 SYNTHETIC_CLIPS = 8
 SYNTHETIC_CLIP = (65, 256, 320)
+SPEED_REPEATS = 3  # evaluate's speed figures: best of this many runs
 
 
 def shared_dir() -> Path:
@@ -167,7 +168,8 @@ def _eval_clip(path: Path, frames: int, size: int) -> torch.Tensor:
 
 def evaluate(weights: str | None, frames: int = 33, size: int = 256) -> dict:
     """PSNR/SSIM (posterior mean, chunked engine) on the held-out and the training real clips at
-    ``size`` px, and encode/decode frames per second at 17 x 256 x 256 fp32 on this machine."""
+    ``size`` px, and encode/decode frames per second at 17 x 256 x 256 fp32 on this machine (best of
+    ``SPEED_REPEATS`` runs)."""
     import time
 
     import videovae
@@ -194,15 +196,21 @@ def evaluate(weights: str | None, frames: int = 33, size: int = 256) -> dict:
             keys = [k for k in rows[0] if k != "group"]
             out[group] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     x = torch.rand(1, 3, 17, 256, 256) * 2 - 1
+    encode_s, decode_s = [], []
     with torch.no_grad():
         model.encode(x[:, :, :5, :64, :64])
-        t0 = time.perf_counter()
-        z = model.encode(x).mean
-        t1 = time.perf_counter()
-        model.decode(z)
-        t2 = time.perf_counter()
-    out["encode_fps_256"] = 17 / (t1 - t0)
-    out["decode_fps_256"] = 17 / (t2 - t1)
+        # Best of SPEED_REPEATS: one run on a shared CPU varies by up to 2x from one minute to the next.
+        for _ in range(SPEED_REPEATS):
+            t0 = time.perf_counter()
+            z = model.encode(x).mean
+            t1 = time.perf_counter()
+            model.decode(z)
+            t2 = time.perf_counter()
+            encode_s.append(t1 - t0)
+            decode_s.append(t2 - t1)
+    out["encode_fps_256"] = 17 / min(encode_s)
+    out["decode_fps_256"] = 17 / min(decode_s)
+    out["speed_repeats"] = SPEED_REPEATS
     return out
 
 
