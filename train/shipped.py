@@ -36,12 +36,14 @@ from videovae.synthetic import camera_motion_video, write_synthetic_video
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 REPO_CLIPS = Path(__file__).resolve().parent / "clips"
 # Stages 1-5 of vv-s16 trained on the first five (../shared/data); the first eight clips of
-# train/clips joined the training set after stage 5, the last three after stage 6.
+# train/clips joined the training set after stage 5, the next three after stage 6 and the last four
+# after stage 10.
 TRAIN_CLIPS = ("world.mp4", "a.mp4", "mmaction2_armwrestling.mp4", "mmaction2_basketball.mp4",
                "mmaction2_room_1080p.mp4", "sam2_dog.mp4", "sam2_cups.mp4", "sam2_blocks.mp4",
                "sam2_juggle.mp4", "sam2_bedroom.mp4", "intel_car_detection.mp4",
                "intel_person_detection.mp4", "intel_asl_book.mp4", "intel_asl_again.mp4",
-               "intel_asl_walk.mp4", "intel_bottle_detection.mp4")
+               "intel_asl_walk.mp4", "intel_bottle_detection.mp4", "openmpf_hikers.mp4",
+               "openmpf_highway.mp4", "openmpf_hall.mp4", "openmpf_marathon.mp4")
 # The first four are the training validation set; the last two joined the evaluation after stage 8.
 HELD_OUT_CLIPS = ("mmaction2_pool.mp4", "mmaction2_makeup.avi", "sam2_coffee.mp4", "intel_asl_sister.mp4",
                   "imageio_cockatoo.mp4", "nasa_jwst_cleanroom.mp4")
