@@ -62,6 +62,7 @@ def test_config_yaml_overrides_and_deepspeed_dict():
     ("deepspeed.zero_stage=3", "zero_stage must be 0, 1 or 2"),
     ("loss.recon=l2", "loss.recon"),
     ("noequals", "not key=value"),
+    ("data.crop_scale_max=0.4", "crop_scale_max"),  # below the config's crop_scale_min
 ])
 def test_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -146,6 +147,22 @@ def test_dataset_clips_images_and_corrupt_video_skipped(tmp_path, caplog):
     x = ds[3]
     assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
     assert torch.equal(ds[5], ds[5])  # sample n is a pure function of (seed, rank, n)
+
+
+@pytest.mark.parametrize("scale", [0.25, 0.5, 1.0])
+def test_crop_scale_range_sets_the_crop_side(tmp_path, scale):
+    """A horizontal 0..255 ramp: a crop of side ``scale * short side`` spans about ``scale`` of the ramp."""
+    from videovae.io import write_png
+
+    ramp = torch.linspace(0, 255, 200).round().to(torch.uint8)
+    write_png(tmp_path / "ramp.png", ramp.view(1, 200, 1).expand(200, 200, 3).contiguous())
+    ds = ClipDataset([str(tmp_path)], num_frames=1, size=16, crop_scale_min=scale, crop_scale_max=scale)
+    for n in range(4):
+        x = ds[n][0, 0]  # (16, 16) in [-1, 1]
+        span = (x[:, -1] - x[:, 0]).mean().item() / 2  # fraction of the ramp covered
+        assert abs(span - scale * 15 / 16) < 0.04
+    with pytest.raises(ValueError, match="crop scales"):
+        ClipDataset([str(tmp_path)], num_frames=1, size=16, crop_scale_min=0.6, crop_scale_max=0.5)
 
 
 def test_video_failing_at_decode_time_is_skipped(tmp_path, caplog):

@@ -44,7 +44,10 @@ class DataConfig:
     val_num_frames: int = 0
     size: int = 64  # square training crop, a multiple of the model's space_factor
     max_stride: int = 2  # temporal stride drawn uniformly from 1..max_stride (clamped to the video)
-    crop_scale_min: float = 0.6  # crop side as a fraction of the short side, drawn from [min, 1]
+    # crop side as a fraction of the short side, drawn from [min, max]; resized to ``size``, so the
+    # pair also sets how far content is scaled down (a max below 1 keeps crops near native scale)
+    crop_scale_min: float = 0.6
+    crop_scale_max: float = 1.0
     image_ratio: float = 0.0  # fraction of batches made of images (1-frame clips) when images exist
     decode_short_side: int = 0  # resize decoded frames so the short side is at most this (0 = keep)
     backend: str = "auto"  # auto (decord when installed, else pyav), pyav, decord
@@ -309,8 +312,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"data.backend must be auto, pyav or decord, got {d.backend!r}")
     if not 0.0 <= d.image_ratio <= 1.0:
         problems.append("data.image_ratio must be in [0, 1]")
-    if not 0.0 < d.crop_scale_min <= 1.0:
-        problems.append("data.crop_scale_min must be in (0, 1]")
+    if not 0.0 < d.crop_scale_min <= d.crop_scale_max <= 1.0:
+        problems.append("data.crop_scale_min and data.crop_scale_max must satisfy 0 < min <= max <= 1")
     for name, value in (("batch_size", cfg.batch_size), ("max_steps", cfg.max_steps), ("data.size", d.size),
                         ("data.num_frames", d.num_frames), ("data.max_stride", d.max_stride),
                         ("log_every", cfg.log_every), ("val_every", cfg.val_every),

@@ -2,7 +2,8 @@
 
 Every sample is a float32 ``(3, T, S, S)`` tensor in ``[-1, 1]`` (a batch is NCTHW). Sample ``n`` of a
 rank is a pure function of ``(seed, rank, n)``: which file, the start frame, the temporal stride
-(1..max_stride), the crop (side drawn from [crop_scale_min, 1] of the short side, random position) —
+(1..max_stride), the crop (side drawn from [crop_scale_min, crop_scale_max] of the short side, random
+position) —
 so resuming only needs the per-rank sample counter, whatever the number of DataLoader workers.
 Images are 1-frame clips; whether a batch is made of images is drawn per batch (``image_ratio``), so
 every batch has one clip length. Videos are decoded with decord when it is installed (random access),
@@ -89,11 +90,13 @@ def _decord_available() -> bool:
     return True
 
 
-def _random_resized_crop(frames: torch.Tensor, size: int, rng: np.random.Generator, scale_min: float) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float32 (3, T, size, size) in [-1, 1] via a random square crop + resize."""
+def _random_resized_crop(frames: torch.Tensor, size: int, rng: np.random.Generator, scale_min: float,
+                         scale_max: float = 1.0) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float32 (3, T, size, size) in [-1, 1] via a random square crop (side drawn
+    from [scale_min, scale_max] of the short side) + resize."""
     t, h, w, _ = frames.shape
     short = min(h, w)
-    side = max(1, int(round(short * rng.uniform(scale_min, 1.0))))
+    side = max(1, int(round(short * rng.uniform(scale_min, scale_max))))
     y0 = int(rng.integers(0, h - side + 1))
     x0 = int(rng.integers(0, w - side + 1))
     crop = frames[:, y0:y0 + side, x0:x0 + side].permute(0, 3, 1, 2).float()  # (T, 3, s, s)
@@ -118,7 +121,8 @@ class ClipDataset(Dataset):
     """Random training clips; ``dataset[n]`` is sample ``n`` of this rank: ``float32 (3, T, S, S)``."""
 
     def __init__(self, paths: list[str], *, num_frames: int, size: int, max_stride: int = 1,
-                 crop_scale_min: float = 1.0, image_ratio: float = 0.0, batch_size: int = 1, seed: int = 0,
+                 crop_scale_min: float = 1.0, crop_scale_max: float = 1.0, image_ratio: float = 0.0,
+                 batch_size: int = 1, seed: int = 0,
                  rank: int = 0, backend: str = "auto", decode_short_side: int = 0, cache_mb: int = 256,
                  max_video_frames: int = 2048):
         videos, images = find_media(paths)
@@ -126,6 +130,10 @@ class ClipDataset(Dataset):
         self.crop_scale_min, self.batch_size, self.seed, self.rank = crop_scale_min, batch_size, seed, rank
         self.decode_short_side, self.cache_bytes = decode_short_side, cache_mb * 2**20
         self.max_video_frames = max_video_frames
+        if not 0.0 < crop_scale_min <= crop_scale_max <= 1.0:
+            raise ValueError(f"crop scales must satisfy 0 < min <= max <= 1, got min={crop_scale_min} "
+                             f"max={crop_scale_max}")
+        self.crop_scale_max = crop_scale_max
         if backend == "auto":
             backend = "decord" if _decord_available() else "pyav"
         elif backend == "decord" and not _decord_available():
@@ -183,7 +191,7 @@ class ClipDataset(Dataset):
                 self._cache.pop(path, None)
                 log.warning("skipping %s: it failed to decode (%s)", path, err)
                 continue
-            return _random_resized_crop(frames, self.size, rng, self.crop_scale_min)
+            return _random_resized_crop(frames, self.size, rng, self.crop_scale_min, self.crop_scale_max)
         raise DataError(f"no decodable {'images' if images else 'videos'} left (failed: {sorted(self.bad)})")
 
     # --- decoding -------------------------------------------------------------------------------------

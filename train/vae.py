@@ -429,8 +429,9 @@ def resume_state(run_dir: Path, engines: dict, ema, rank: int, layout: dict) -> 
 def training_dataset(cfg: TrainConfig, rank: int) -> ClipDataset:
     d = cfg.data
     return ClipDataset(d.paths, num_frames=d.num_frames, size=d.size, max_stride=d.max_stride,
-                       crop_scale_min=d.crop_scale_min, image_ratio=d.image_ratio, batch_size=cfg.batch_size,
-                       seed=cfg.seed, rank=rank, backend=d.backend, decode_short_side=d.decode_short_side,
+                       crop_scale_min=d.crop_scale_min, crop_scale_max=d.crop_scale_max,
+                       image_ratio=d.image_ratio, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank,
+                       backend=d.backend, decode_short_side=d.decode_short_side,
                        cache_mb=d.cache_mb, max_video_frames=d.max_video_frames)
 
 
@@ -444,7 +445,8 @@ def validation_clips(cfg: TrainConfig, dataset: ClipDataset, is_main: bool) -> l
     source = dataset
     if d.val_paths or frames != d.num_frames:
         source = ClipDataset(d.val_paths or d.paths, num_frames=frames, size=d.size, max_stride=d.max_stride,
-                             crop_scale_min=d.crop_scale_min, batch_size=1, seed=cfg.seed, backend=d.backend,
+                             crop_scale_min=d.crop_scale_min, crop_scale_max=d.crop_scale_max,
+                             batch_size=1, seed=cfg.seed, backend=d.backend,
                              decode_short_side=d.decode_short_side, cache_mb=0, max_video_frames=d.max_video_frames)
     return source.validation_clips(cfg.val_clips)
 
