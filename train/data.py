@@ -3,8 +3,8 @@
 Every sample is a float32 ``(3, T, S, S)`` tensor in ``[-1, 1]`` (a batch is NCTHW). Sample ``n`` of a
 rank is a pure function of ``(seed, rank, n)``: which file, the start frame, the temporal stride
 (1..max_stride), the crop (side drawn from [crop_scale_min, crop_scale_max] of the short side, random
-position) —
-so resuming only needs the per-rank sample counter, whatever the number of DataLoader workers.
+position) — so resuming only needs the per-rank sample counter, whatever the number of DataLoader
+workers.
 Images are 1-frame clips; whether a batch is made of images is drawn per batch (``image_ratio``), so
 every batch has one clip length. Videos are decoded with decord when it is installed (random access),
 else with PyAV (sequential decode up to the last needed frame, with a small per-worker cache).
@@ -122,9 +122,8 @@ class ClipDataset(Dataset):
 
     def __init__(self, paths: list[str], *, num_frames: int, size: int, max_stride: int = 1,
                  crop_scale_min: float = 1.0, crop_scale_max: float = 1.0, image_ratio: float = 0.0,
-                 batch_size: int = 1, seed: int = 0,
-                 rank: int = 0, backend: str = "auto", decode_short_side: int = 0, cache_mb: int = 256,
-                 max_video_frames: int = 2048):
+                 batch_size: int = 1, seed: int = 0, rank: int = 0, backend: str = "auto",
+                 decode_short_side: int = 0, cache_mb: int = 256, max_video_frames: int = 2048):
         videos, images = find_media(paths)
         self.num_frames, self.size, self.max_stride = num_frames, size, max_stride
         self.crop_scale_min, self.batch_size, self.seed, self.rank = crop_scale_min, batch_size, seed, rank
