@@ -91,7 +91,7 @@ def _decord_available() -> bool:
 
 
 def _random_resized_crop(frames: torch.Tensor, size: int, rng: np.random.Generator, scale_min: float,
-                         scale_max: float = 1.0) -> torch.Tensor:
+                         scale_max: float) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> float32 (3, T, size, size) in [-1, 1] via a random square crop (side drawn
     from [scale_min, scale_max] of the short side) + resize."""
     t, h, w, _ = frames.shape
@@ -124,15 +124,15 @@ class ClipDataset(Dataset):
                  crop_scale_min: float = 1.0, crop_scale_max: float = 1.0, image_ratio: float = 0.0,
                  batch_size: int = 1, seed: int = 0, rank: int = 0, backend: str = "auto",
                  decode_short_side: int = 0, cache_mb: int = 256, max_video_frames: int = 2048):
-        videos, images = find_media(paths)
-        self.num_frames, self.size, self.max_stride = num_frames, size, max_stride
-        self.crop_scale_min, self.batch_size, self.seed, self.rank = crop_scale_min, batch_size, seed, rank
-        self.decode_short_side, self.cache_bytes = decode_short_side, cache_mb * 2**20
-        self.max_video_frames = max_video_frames
         if not 0.0 < crop_scale_min <= crop_scale_max <= 1.0:
             raise ValueError(f"crop scales must satisfy 0 < min <= max <= 1, got min={crop_scale_min} "
                              f"max={crop_scale_max}")
-        self.crop_scale_max = crop_scale_max
+        videos, images = find_media(paths)
+        self.num_frames, self.size, self.max_stride = num_frames, size, max_stride
+        self.crop_scale_min, self.crop_scale_max = crop_scale_min, crop_scale_max
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.decode_short_side, self.cache_bytes = decode_short_side, cache_mb * 2**20
+        self.max_video_frames = max_video_frames
         if backend == "auto":
             backend = "decord" if _decord_available() else "pyav"
         elif backend == "decord" and not _decord_available():
