@@ -1,3 +1,4 @@
+import multiprocessing
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -398,6 +399,33 @@ def test_png_image_roundtrip_and_modes(tmp_path):
     assert torch.equal(read_image(tmp_path / "gray16.png")[0, ..., 0], img[..., 0])
     with pytest.raises(VideoIOError, match="write_png expects one image"):
         write_png(tmp_path / "b.png", torch.zeros(2, 4, 4, 3, dtype=torch.uint8))
+
+
+def _read_in_fork(paths, queue):
+    torch.set_num_threads(1)  # as a DataLoader worker does
+    queue.put([tuple(read_video(p)[0].shape) for p in paths])
+
+
+def test_reading_in_forked_worker_after_parent_decoded(tmp_path):
+    """The trainer's DataLoader workers are forked after the main process has decoded the validation
+    clips; with PyAV's threaded pixel-format conversion the child hung for ever inside ``to_ndarray``."""
+    frames = synthetic_video(9, 64, 96, seed=3)
+    paths = [str(tmp_path / f"clip{i}.{ext}") for i in range(3) for ext in ("mkv", "mp4")]
+    for p in paths:
+        write_video(p, frames, fps=24)
+    for p in paths[:3]:
+        read_video(p)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_in_fork, args=(paths, queue))
+    child.start()
+    child.join(120)  # a deadlock guard, not a speed limit: the reads take well under a second
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung, "reading video in a forked process deadlocked"
+    assert child.exitcode == 0
+    assert queue.get(timeout=10) == [(9, 64, 96, 3)] * len(paths)
 
 
 # --------------------------------------------------------------------------- shared sample media

@@ -60,7 +60,7 @@ def test_config_yaml_overrides_and_deepspeed_dict():
     ("optim.lrr=1", "unknown config key"),
     ("max_steps=abc", "max_steps: expected an integer"),
     ("deepspeed.zero_stage=3", "zero_stage must be 0, 1 or 2"),
-    ("loss.recon=l2", "loss.recon"),
+    ("loss.recon=l2", "loss.recon must be l1, mse or charbonnier"),
     ("noequals", "not key=value"),
     ("data.crop_scale_max=0.4", "crop_scale_max"),  # below the config's crop_scale_min
 ])
@@ -84,6 +84,11 @@ def test_losses_and_discriminator_shapes():
     x = torch.rand(2, 3, 9, 32, 32) * 2 - 1
     assert recon_loss(x, x).item() == 0.0
     assert recon_loss(x, x, "charbonnier").item() == pytest.approx(0.0, abs=1e-6)
+    y = x + 0.25 * torch.sign(torch.randn_like(x))
+    assert recon_loss(x, y).item() == pytest.approx(0.25, rel=1e-5)
+    assert recon_loss(x, y, "mse").item() == pytest.approx(0.0625, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown reconstruction loss 'l3'"):
+        recon_loss(x, y, "l3")
     disc = PatchDiscriminator3D(channels=8, layers=3)
     for t in (1, 9):
         logits = disc(x[:, :, :t])

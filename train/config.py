@@ -58,7 +58,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    recon: str = "l1"  # l1 or charbonnier
+    recon: str = "l1"  # l1, mse (what PSNR measures; for a last fine-tune) or charbonnier
     recon_weight: float = 1.0
     charbonnier_eps: float = 1e-3
     kl_weight: float = 1e-6
@@ -306,8 +306,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"engine must be auto, deepspeed or torch, got {cfg.engine!r}")
     if cfg.engine == "torch" and (ds.precision == "fp16" or ds.zero_stage != 0):
         problems.append("engine=torch trains fp32 or bf16 with deepspeed.zero_stage=0 (fp16 and ZeRO need deepspeed)")
-    if lo.recon not in ("l1", "charbonnier"):
-        problems.append(f"loss.recon must be l1 or charbonnier, got {lo.recon!r}")
+    if lo.recon not in ("l1", "mse", "charbonnier"):
+        problems.append(f"loss.recon must be l1, mse or charbonnier, got {lo.recon!r}")
     if d.backend not in ("auto", "pyav", "decord"):
         problems.append(f"data.backend must be auto, pyav or decord, got {d.backend!r}")
     if not 0.0 <= d.image_ratio <= 1.0:

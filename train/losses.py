@@ -26,13 +26,15 @@ EXTRA_LOSSES: dict[str, Callable[..., dict[str, Tensor]]] = {}
 
 
 def recon_loss(x: Tensor, recon: Tensor, kind: str = "l1", eps: float = 1e-3) -> Tensor:
-    """Mean L1 or Charbonnier (sqrt(d^2 + eps^2) - eps) distance."""
+    """Mean L1, squared (``mse``, the loss PSNR measures) or Charbonnier (sqrt(d^2 + eps^2) - eps) distance."""
     d = recon.float() - x.float()
     if kind == "l1":
         return d.abs().mean()
+    if kind == "mse":
+        return d.pow(2).mean()
     if kind == "charbonnier":
         return (d.pow(2) + eps * eps).sqrt().sub(eps).mean()
-    raise ValueError(f"unknown reconstruction loss {kind!r}; use l1 or charbonnier")
+    raise ValueError(f"unknown reconstruction loss {kind!r}; use l1, mse or charbonnier")
 
 
 def kl_loss(posterior) -> Tensor:

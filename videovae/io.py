@@ -47,6 +47,12 @@ __all__ = [
 
 _AV_ERRORS: tuple[type[BaseException], ...] = (av.error.FFmpegError, OSError, EOFError)
 
+# PyAV >= 17 converts pixel formats with swscale slice threads. In a process forked after the parent
+# had decoded video (a DataLoader worker of the trainer), freeing such a scaler joins a thread that does
+# not exist in the child and hangs for ever (seen with PyAV 18.1.1 / FFmpeg 8.1). One scaling thread
+# avoids that; decoding keeps its threads, and converting to rgb24 is cheap next to decoding.
+_TO_RGB_OPTIONS: dict[str, int] = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+
 # codec name -> pixel format used for encoding
 _CODECS: dict[str, str] = {
     "libx264": "yuv420p",
@@ -210,7 +216,7 @@ class VideoReader:
         decoded = 0
         try:
             for frame in self._container.decode(self._stream):
-                arr = frame.to_ndarray(format="rgb24", width=w, height=h)
+                arr = frame.to_ndarray(format="rgb24", width=w, height=h, **_TO_RGB_OPTIONS)
                 decoded += 1
                 yield arr
         except _AV_ERRORS as e:
