@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from videovae.fileutil import atomic_path
 from videovae.io import (
     VideoInfo,
     VideoIOError,
@@ -114,6 +115,26 @@ def test_png_folder_output(tmp_path):
         write_video(tmp_path / "frames", frames, fps=24)
     assert (tmp_path / "frames" / "notes.txt").exists()
     assert _no_temp_files(tmp_path) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_umask_mode_not_the_temp_file_mode(tmp_path, umask):
+    # outputs are written under mkstemp/mkdtemp names (0o600 / 0o700) and renamed into place; they must
+    # end with the mode a plain open()/mkdir gives, or others cannot read a reconstruction in a shared folder
+    frames = synthetic_video(2, 16, 16)
+    old = os.umask(umask)
+    try:
+        write_video(tmp_path / "clip.mp4", frames, fps=24)
+        write_video(tmp_path / "frames", frames, fps=24)
+        write_png(tmp_path / "still.png", frames[0])
+        with atomic_path(tmp_path / "latents.safetensors") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    for name in ("clip.mp4", "still.png", "latents.safetensors", "frames/frame_000000.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert (tmp_path / "frames").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_writer_multiple_writes_and_overwrite(tmp_path):

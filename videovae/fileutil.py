@@ -19,9 +19,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    grant_default_mode(tmp_path)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc/self/status; elsewhere it can only be read by
+    setting it, so it is set back at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def grant_default_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file (or folder) made by ``mkstemp`` (``mkdtemp``) the mode a plain ``open()``
+    (``mkdir``) would: 0o666 (0o777) less the umask. Their private 0o600 / 0o700 is meant for
+    temporary files; an output renamed into place must read like any other file the user writes."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())

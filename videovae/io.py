@@ -31,6 +31,8 @@ import av
 import numpy as np
 import torch
 
+from .fileutil import grant_default_mode
+
 __all__ = [
     "VideoIOError",
     "VideoInfo",
@@ -348,6 +350,7 @@ class VideoWriter:
             self._check_folder_replaceable()
             name = os.path.basename(self.path)
             self._tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+            grant_default_mode(self._tmp, directory=True)
             return
         ext = Path(self.path).suffix.lower()
         if ext not in _EXTENSIONS:
@@ -366,6 +369,7 @@ class VideoWriter:
         name, _ = os.path.splitext(os.path.basename(self.path))
         fd, self._tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", suffix=ext, dir=parent)
         os.close(fd)
+        grant_default_mode(self._tmp)
 
     def _check_folder_replaceable(self) -> None:
         if os.path.isfile(self.path):
@@ -562,6 +566,7 @@ def write_png(path: str | os.PathLike, image_uint8: torch.Tensor) -> None:
     name, ext = os.path.splitext(os.path.basename(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", suffix=ext or ".png", dir=parent)
     try:
+        grant_default_mode(tmp)
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(arr[0]).save(f, format="PNG")
         os.replace(tmp, path)
