@@ -137,6 +137,22 @@ def test_outputs_get_the_umask_mode_not_the_temp_file_mode(tmp_path, umask):
     assert (tmp_path / "frames").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
+def test_outputs_written_where_the_filesystem_refuses_modes(tmp_path, monkeypatch):
+    # vfat (without `quiet`) and some network mounts answer chmod with EPERM: the write must still succeed
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    frames = synthetic_video(2, 16, 16)
+    write_video(tmp_path / "clip.mkv", frames, fps=24)
+    write_video(tmp_path / "frames", frames, fps=24)
+    write_png(tmp_path / "still.png", frames[0])
+    with atomic_path(tmp_path / "latents.safetensors") as tmp:
+        tmp.write_bytes(b"x")
+    assert torch.equal(read_video(tmp_path / "clip.mkv")[0], frames)
+    assert sorted(os.listdir(tmp_path)) == ["clip.mkv", "frames", "latents.safetensors", "still.png"]
+
+
 def test_writer_multiple_writes_and_overwrite(tmp_path):
     frames = synthetic_video(9, 16, 16)
     path = tmp_path / "clip.mkv"

@@ -19,8 +19,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    grant_default_mode(tmp_path)
     try:
+        grant_default_mode(tmp_path)
         yield tmp_path
         os.replace(tmp_path, target)
     except BaseException:
@@ -46,5 +46,10 @@ def _umask() -> int:
 def grant_default_mode(path: str | os.PathLike, directory: bool = False) -> None:
     """Give a file (or folder) made by ``mkstemp`` (``mkdtemp``) the mode a plain ``open()``
     (``mkdir``) would: 0o666 (0o777) less the umask. Their private 0o600 / 0o700 is meant for
-    temporary files; an output renamed into place must read like any other file the user writes."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    temporary files; an output renamed into place must read like any other file the user writes.
+    Best effort: where the filesystem refuses modes (vfat without ``quiet``, some network mounts)
+    the output keeps the temporary mode rather than failing the write."""
+    try:
+        os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    except PermissionError:
+        pass
