@@ -16,16 +16,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     if not target.parent.exists():
         raise FileNotFoundError(f"output folder does not exist: {target.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = temp_beside(target)
     try:
-        grant_default_mode(tmp_path)
         yield tmp_path
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def temp_beside(target: str | os.PathLike, directory: bool = False) -> Path:
+    """Create an empty temporary file (or folder) in ``target``'s folder, so that renaming it onto
+    ``target`` is atomic, named ``.<stem>.tmp-XXXXXXXX<suffix>`` (the real suffix last, for tools
+    that go by it) and with the mode a plain ``open()`` (``mkdir``) would give; return its path."""
+    target = Path(target)
+    prefix, suffix = f".{target.stem}.tmp-", target.suffix
+    if directory:
+        tmp = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=target.parent)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+        os.close(fd)
+    _grant_default_mode(tmp, directory)
+    return Path(tmp)
 
 
 def _umask() -> int:
@@ -43,7 +55,7 @@ def _umask() -> int:
     return mask
 
 
-def grant_default_mode(path: str | os.PathLike, directory: bool = False) -> None:
+def _grant_default_mode(path: str | os.PathLike, directory: bool = False) -> None:
     """Give a file (or folder) made by ``mkstemp`` (``mkdtemp``) the mode a plain ``open()``
     (``mkdir``) would: 0o666 (0o777) less the umask. Their private 0o600 / 0o700 is meant for
     temporary files; an output renamed into place must read like any other file the user writes.

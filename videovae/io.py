@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -31,7 +30,7 @@ import av
 import numpy as np
 import torch
 
-from .fileutil import grant_default_mode
+from .fileutil import atomic_path, temp_beside
 
 __all__ = [
     "VideoIOError",
@@ -348,9 +347,7 @@ class VideoWriter:
                 raise VideoIOError(f"{self.path}: a PNG folder cannot use codec {codec!r}")
             self.codec, self.pix_fmt, self._format = "png", "rgb24", None
             self._check_folder_replaceable()
-            name = os.path.basename(self.path)
-            self._tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-            grant_default_mode(self._tmp, directory=True)
+            self._tmp = os.fspath(temp_beside(self.path, directory=True))
             return
         ext = Path(self.path).suffix.lower()
         if ext not in _EXTENSIONS:
@@ -366,10 +363,7 @@ class VideoWriter:
                 f"{self.path}: unsupported codec {self.codec!r}, expected one of {sorted(_CODECS)}"
             )
         self.pix_fmt = _CODECS[self.codec]
-        name, _ = os.path.splitext(os.path.basename(self.path))
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", suffix=ext, dir=parent)
-        os.close(fd)
-        grant_default_mode(self._tmp)
+        self._tmp = os.fspath(temp_beside(self.path))
 
     def _check_folder_replaceable(self) -> None:
         if os.path.isfile(self.path):
@@ -563,14 +557,5 @@ def write_png(path: str | os.PathLike, image_uint8: torch.Tensor) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise VideoIOError(f"{path}: output directory {parent} does not exist")
-    name, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", suffix=ext or ".png", dir=parent)
-    try:
-        grant_default_mode(tmp)
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(arr[0]).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr[0]).save(tmp, format="PNG")
